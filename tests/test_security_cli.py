@@ -1,12 +1,13 @@
 """`flwr-robust keys ...` called through `main([...])` in temporary directories."""
 
+import json
 import stat
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 
 from flwr_robust.cli import SUBCOMMANDS, main
-from flwr_robust.security import keys
+from flwr_robust.security import KeyDir, keys
 from flwr_robust.security.truststore import TrustStore
 
 
@@ -112,12 +113,12 @@ def test_add_needs_a_trust_store(tmp_path, capsys):
     assert main(["keys", "add", str(tmp_path)]) == 2  # --public-key or --generate required
 
 
-def test_revoke_by_name_and_id_prefix(tmp_path, capsys):
+def test_revoke_by_name_and_full_id(tmp_path, capsys):
     assert _init(tmp_path) == 0
     root = tmp_path / "k"
     assert main(["keys", "revoke", str(root), "client-1"]) == 0
     kid = TrustStore.load(root / "truststore.json").find("client-2").key_id
-    assert main(["keys", "revoke", str(root), kid[:10]]) == 0
+    assert main(["keys", "revoke", str(root), kid]) == 0
     store = TrustStore.load(root / "truststore.json")
     assert [e.revoked for e in store] == [False, True, True]
     capsys.readouterr()
@@ -125,6 +126,89 @@ def test_revoke_by_name_and_id_prefix(tmp_path, capsys):
     assert "already revoked" in capsys.readouterr().out
     assert main(["keys", "revoke", str(root), "nobody"]) == 1
     assert "no key" in capsys.readouterr().err
+
+
+def test_revoke_refuses_id_prefixes(tmp_path, capsys):
+    assert _init(tmp_path) == 0
+    root = tmp_path / "k"
+    kid = TrustStore.load(root / "truststore.json").find("client-0").key_id
+    for prefix in (kid[:4], kid[:8], kid[:31]):
+        assert main(["keys", "revoke", str(root), prefix]) == 1
+        assert "prefixes are not accepted" in capsys.readouterr().err
+    assert not any(e.revoked for e in TrustStore.load(root / "truststore.json"))
+
+
+def test_revoke_by_a_prefix_never_hits_a_key_named_like_it(tmp_path, capsys):
+    """Finding 16: a key named after another key's id prefix used to be revoked instead."""
+    assert _init(tmp_path) == 0
+    root = tmp_path / "k"
+    target = TrustStore.load(root / "truststore.json").find("client-0").key_id
+    keys.save_public_key(keys.generate_private_key(), tmp_path / "decoy.pub")
+    assert main(["keys", "add", str(root), "--public-key", str(tmp_path / "decoy.pub"),
+                 "--name", target[:8]]) == 0  # fmt: skip
+    assert main(["keys", "revoke", str(root), target]) == 0
+    store = TrustStore.load(root / "truststore.json")
+    assert store.get(target).revoked and not store.find(target[:8]).revoked
+
+
+def test_revoke_refuses_a_name_that_is_another_keys_id(tmp_path, capsys):
+    assert _init(tmp_path) == 0
+    root = tmp_path / "k"
+    path = root / "truststore.json"
+    store = TrustStore.load(path)
+    victim = store.find("client-0").key_id
+    impostor = store.add(keys.generate_private_key().public_key()).key_id
+    store.save()
+    doc = json.loads(path.read_text())  # a hand-edited store: names bypass add()'s checks
+    doc["keys"][-1]["name"] = victim
+    path.write_text(json.dumps(doc))
+    assert main(["keys", "revoke", str(root), victim]) == 1
+    err = capsys.readouterr().err
+    assert "ambiguous" in err and victim in err and impostor in err
+    assert not any(e.revoked for e in TrustStore.load(path))
+    assert main(["keys", "revoke", str(root), impostor]) == 0
+    assert TrustStore.load(path).get(impostor).revoked
+
+
+def test_revoke_help_names_the_accepted_forms(capsys):
+    assert main(["keys", "revoke", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "full key id" in help_text and "prefixes are not accepted" in help_text
+
+
+def test_add_refuses_the_server_key_as_a_client_key(tmp_path, capsys):
+    assert _init(tmp_path) == 0
+    root = tmp_path / "k"
+    server_id = keys.key_id(keys.load_public_key(root / "server.pub"))
+    before = (root / "truststore.json").read_bytes()
+    copy = tmp_path / "renamed.pub"
+    copy.write_bytes((root / "server.pub").read_bytes())
+    for path in (root / "server.pub", copy):
+        assert main(["keys", "add", str(root), "--public-key", str(path), "--name", "x"]) == 1
+        err = capsys.readouterr().err
+        assert "it is the server's public key" in err and server_id in err
+    assert (root / "truststore.json").read_bytes() == before
+
+
+def test_group_or_world_writable_keys_are_warned_about(tmp_path, capsys):
+    assert _init(tmp_path) == 0
+    root = tmp_path / "k"
+    assert stat.S_IMODE(root.stat().st_mode) & 0o022 == 0  # init never makes them writable
+    assert stat.S_IMODE((root / "clients").stat().st_mode) & 0o022 == 0
+    capsys.readouterr()
+    assert main(["keys", "show", str(root)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    root.chmod(0o777)
+    (root / "server.key").chmod(0o620)
+    (root / "clients" / "client-1.key").chmod(0o602)
+    for args in (["show"], ["revoke", "x"], ["add", "--generate", "c-9"]):
+        main(["keys", args[0], str(root), *args[1:]])
+        err = capsys.readouterr().err
+        assert f"warning: {root} is writable by everyone (mode 0777)" in err
+        assert f"{root / 'server.key'} is writable by its group (mode 0620)" in err
+        assert f"{root / 'clients' / 'client-1.key'} is writable by all users" in err
+        assert "chmod go-w" in err
+    assert len(KeyDir(root).permission_warnings()) == 3
 
 
 def test_show_lists_keys(tmp_path, capsys):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from flwr_robust.security import keys
+from flwr_robust.security import keys, truststore
 from flwr_robust.security.errors import TrustStoreError
 from flwr_robust.security.truststore import TrustEntry, TrustStore
 
@@ -76,29 +76,55 @@ def test_add_refuses_duplicates(store_path):
         store.add(keys.generate_private_key().public_key(), "")
 
 
-def test_find_by_id_name_or_prefix(store_path):
+def test_find_by_exact_name_or_full_id(store_path):
     store, public = _store(store_path, "ed25519", "ecdsa-p256")
     kid = keys.key_id(public[1])
     assert store.find(kid).name == "client-1"
     assert store.find("client-1").key_id == kid
-    assert store.find(kid[:8]).key_id == kid
-    with pytest.raises(TrustStoreError, match="no key"):
+    with pytest.raises(TrustStoreError, match="no key named 'nobody'"):
         store.find("nobody")
+    for prefix in (kid[:8], kid[:31], kid.upper()):
+        with pytest.raises(TrustStoreError, match="prefixes are not accepted"):
+            store.find(prefix)
+
+
+def test_find_never_resolves_a_prefix_to_a_key_named_like_it():
+    """Finding 16: a key named after another key's id prefix must not be found by it."""
+    target = TrustEntry.from_public_key(keys.generate_private_key().public_key(), "target")
+    decoy = TrustEntry.from_public_key(
+        keys.generate_private_key().public_key(), target.key_id[:8]
+    )
+    store = TrustStore([target, decoy])
+    assert store.find(target.key_id[:8]) == decoy  # its exact name
+    assert store.find(target.key_id) == target
     with pytest.raises(TrustStoreError, match="no key"):
-        store.find(kid[:3])  # prefixes shorter than 4 characters are refused
+        store.find(target.key_id[:10])
 
 
-def test_find_ambiguous_prefix():
-    by_prefix: dict[str, TrustEntry] = {}
-    while True:  # birthday search for two key ids sharing 4 hex digits (~300 keys)
-        entry = TrustEntry.from_public_key(keys.generate_private_key().public_key())
-        if entry.key_id[:4] in by_prefix:
-            break
-        by_prefix[entry.key_id[:4]] = entry
-    store = TrustStore([by_prefix[entry.key_id[:4]], entry])
-    with pytest.raises(TrustStoreError, match="matches 2 key ids"):
-        store.find(entry.key_id[:4])
-    assert store.find(entry.key_id) == entry
+def test_find_refuses_a_name_that_is_another_keys_id():
+    victim = TrustEntry.from_public_key(keys.generate_private_key().public_key(), "victim")
+    impostor = TrustEntry.from_public_key(
+        keys.generate_private_key().public_key(), victim.key_id
+    )
+    store = TrustStore([victim, impostor])  # e.g. a hand-edited file
+    with pytest.raises(TrustStoreError, match="ambiguous") as info:
+        store.find(victim.key_id)
+    assert victim.key_id in str(info.value) and impostor.key_id in str(info.value)
+    assert store.find("victim") == victim
+    assert store.find(impostor.key_id) == impostor
+    # a key named after its own id is not ambiguous
+    own = keys.generate_private_key().public_key()
+    assert store.add(own, keys.key_id(own)) == store.find(keys.key_id(own))
+
+
+def test_add_refuses_names_that_collide_with_key_ids(store_path):
+    store, public = _store(store_path, "ed25519")
+    with pytest.raises(TrustStoreError, match="is the key id of another key"):
+        store.add(keys.generate_private_key().public_key(), keys.key_id(public[0]))
+    new = keys.generate_private_key().public_key()
+    store.add(keys.generate_private_key().public_key(), keys.key_id(new))
+    with pytest.raises(TrustStoreError, match="is the name of another key"):
+        store.add(new, "fresh")
 
 
 def test_reload_detects_rotation_and_revocation(store_path):
@@ -131,6 +157,100 @@ def test_reload_keeps_entries_on_invalid_file(store_path):
     with pytest.raises(TrustStoreError, match="not valid JSON"):
         store.reload_if_changed()
     assert store.is_trusted(keys.key_id(public[0]))
+
+
+def _keys_json(entries: list) -> str:
+    return json.dumps({"format": "flwr-robust-truststore", "version": 1, "keys": entries})
+
+
+def _wrong_key_id_type(store_path) -> None:
+    doc = json.loads(store_path.read_text())
+    doc["keys"][0]["key_id"] = [doc["keys"][0]["key_id"]]
+    store_path.write_text(json.dumps(doc))
+
+
+def _replace_with_directory(store_path) -> None:
+    store_path.unlink()
+    store_path.mkdir()
+
+
+def _replace_with_fifo(store_path) -> None:
+    store_path.unlink()
+    os.mkfifo(store_path)
+
+
+BROKEN_FILES = {
+    "deleted": (lambda path: path.unlink(), "cannot read the trust store"),
+    "directory": (_replace_with_directory, "not a regular file"),
+    "fifo": (_replace_with_fifo, "not a regular file"),
+    "deep-json": (lambda path: path.write_text("[" * 100_000), "nested too deeply"),
+    "deep-object": (lambda path: path.write_text('{"a":' * 100_000), "nested too deeply"),
+    "huge-integer": (lambda path: path.write_text("1" * 10_000), "not valid JSON"),
+    "not-utf-8": (lambda path: path.write_bytes(b'{"format": "\xff\xfe"}'), "not UTF-8"),
+    "utf-16": (
+        lambda path: path.write_bytes(_keys_json([]).encode("utf-16")), "not UTF-8"
+    ),
+    "entries-of-wrong-type": (
+        lambda path: path.write_text(_keys_json([1, "x", None])), "must be an object"
+    ),
+    "key-id-a-list": (_wrong_key_id_type, "'key_id' must be a string, got list"),
+    "public-key-a-number": (
+        lambda path: path.write_text(_keys_json([{
+            "key_id": "0" * 32, "public_key": 5, "algorithm": "ed25519",
+            "added_at": "2025-01-01T00:00:00+00:00",
+        }])),
+        "'public_key' must be a string",
+    ),
+    "timestamp-an-object": (
+        lambda path: _entry_json(path, revoked=True, revoked_at={"day": 1}),
+        "invalid timestamp <dict>: not a string",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_FILES))
+def test_failed_reload_raises_trust_store_error_and_keeps_the_last_good_keys(store_path, case):
+    """Finding 14: any unreadable or unparsable file is a TrustStoreError, state unchanged."""
+    _, public = _store(store_path, "ed25519", "ecdsa-p256")
+    server_view = TrustStore.load(store_path)
+    before = [_fields(e) for e in server_view]
+    good = store_path.read_bytes()
+    spoil, message = BROKEN_FILES[case]
+    spoil(store_path)
+    for _ in range(2):  # the next round tries again and fails the same way
+        with pytest.raises(TrustStoreError, match=message):
+            server_view.reload_if_changed()
+        assert [_fields(e) for e in server_view] == before
+        assert all(server_view.is_trusted(keys.key_id(key)) for key in public)
+    with pytest.raises(TrustStoreError, match=message):
+        TrustStore.load(store_path)
+    if store_path.is_dir():
+        store_path.rmdir()
+    store_path.unlink(missing_ok=True)
+    store_path.write_bytes(good)  # restored: nothing changed since the last good load
+    assert not server_view.reload_if_changed()
+    assert [_fields(e) for e in server_view] == before
+
+
+def test_a_file_over_the_size_limit_is_refused(store_path, monkeypatch):
+    store, _ = _store(store_path, "ed25519")
+    monkeypatch.setattr(truststore, "MAX_FILE_BYTES", store_path.stat().st_size - 1)
+    with pytest.raises(TrustStoreError, match="allowed"):
+        TrustStore.load(store_path)
+    store_path.write_bytes(store_path.read_bytes() + b" ")
+    with pytest.raises(TrustStoreError, match="allowed"):
+        store.reload_if_changed()
+    assert len(store) == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files regardless of their mode")
+def test_an_unreadable_file_is_a_trust_store_error(store_path):
+    store, _ = _store(store_path, "ed25519")
+    store_path.write_text(store_path.read_text() + "\n")
+    store_path.chmod(0)
+    with pytest.raises(TrustStoreError, match="Permission denied"):
+        store.reload_if_changed()
+    assert len(store) == 1
 
 
 def test_save_is_atomic_and_leaves_no_temporary_files(store_path):

@@ -306,13 +306,13 @@ def test_legacy_and_message_apis_agree() -> None:
 def test_legacy_rejects_bad_results_and_counts_failures() -> None:
     model = global_model()
     strategy = make_strategy("median", api="legacy", num_malicious=1)
-    _, results = legacy_round(strategy, model, {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0})
+    _, results = legacy_round(strategy, model, {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 9: 1.0})
     nan_weights = client_weights(model, float("nan"))
     results = [
         (proxy, FitRes(
             Status(Code.OK, ""), ndarrays_to_parameters(list(nan_weights.values())), 10, {}
         )) if proxy.node_id == 4 else (proxy, res)
-        for proxy, res in results
+        for proxy, res in results if proxy.node_id != 9
     ]
     failed = (FakeProxy(9), FitRes(Status(Code.FIT_NOT_IMPLEMENTED, "no"), Parameters([], ""), 0, {}))
     parameters, _ = strategy.aggregate_fit(1, results, [failed, RuntimeError("lost")])

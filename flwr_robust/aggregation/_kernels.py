@@ -23,6 +23,7 @@ import numpy as np
 TILE = 256  # coordinates per tile: n * TILE float32 values stay in L1/L2 for n <= 200
 
 _JIT = {"cache": True, "nogil": True}
+OUTLIER_MARGIN = 1.0 + 1e-9  # see replace_outliers
 
 
 @lru_cache(maxsize=64)
@@ -119,11 +120,15 @@ def coordinate_trimmed_mean(block, network, trim, out):  # pragma: no cover - co
 def coordinate_mean_around_median(block, network, k, out):  # pragma: no cover - compiled
     """``out[j]`` = mean of the ``k`` values of column ``j`` closest to the column's median.
 
-    In sorted order the ``k`` values nearest to the median form a contiguous window; the
-    window with the smallest sum of absolute deviations is exactly such a set, found with
-    running sums. Between values equally far from the median (always the case for the two
-    middle values of an even count) the lower one is taken, so the result depends only on
-    the values, never on the clients' order.
+    In sorted order the ``k`` values nearest to the median form a contiguous window. Moving
+    the window one step right changes its sum of absolute deviations by
+    ``|v[s+k] - med| - |v[s] - med|``; these changes are <= 0 left of the median, increase
+    across it and are >= 0 right of it, so the first window of least deviation starts one
+    after the last strictly negative change (or at 0). Only the entering and leaving
+    deviations are compared, never running totals, so values of any magnitude cannot
+    cancel the small ones. Between values equally far from the median (always the case for
+    the two middle values of an even count) the lower one is taken, so the result depends
+    only on the values, never on the clients' order.
     """
     n, c = block.shape
     for t in numba.prange((c + TILE - 1) // TILE):
@@ -132,28 +137,19 @@ def coordinate_mean_around_median(block, network, k, out):  # pragma: no cover -
         tile = np.empty((n, TILE), np.float32)
         _load_sorted_tile(block, start, width, network, tile)
         med = np.empty(TILE, np.float64)
-        cost = np.zeros(TILE, np.float64)
-        total = np.zeros(TILE, np.float64)
+        first = np.zeros(TILE, np.int64)
         for j in range(TILE):
             med[j] = _sorted_median(tile, n, j)
-        for r in range(k):
+        for s in range(n - k):
             for j in range(TILE):
-                v = np.float64(tile[r, j])
-                cost[j] += abs(v - med[j])
-                total[j] += v
-        best_cost = cost.copy()
-        best_total = total.copy()
-        for s in range(1, n - k + 1):
-            for j in range(TILE):
-                leaving = np.float64(tile[s - 1, j])
-                entering = np.float64(tile[s + k - 1, j])
-                cost[j] += abs(entering - med[j]) - abs(leaving - med[j])
-                total[j] += entering - leaving
-                if cost[j] < best_cost[j]:
-                    best_cost[j] = cost[j]
-                    best_total[j] = total[j]
+                entering = abs(np.float64(tile[s + k, j]) - med[j])
+                leaving = abs(np.float64(tile[s, j]) - med[j])
+                first[j] = s + 1 if entering < leaving else first[j]
         for j in range(width):
-            out[start + j] = best_total[j] / k
+            total = 0.0
+            for r in range(first[j], first[j] + k):
+                total += np.float64(tile[r, j])
+            out[start + j] = total / k
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -163,8 +159,11 @@ def replace_outliers(block, network, threshold, robust, replaced):  # pragma: no
     Faithful rule (``robust=False``): centre = mean, scale = population standard deviation,
     outliers become the mean. Robust rule: centre = median, scale = 1.4826 * MAD (consistent
     for Gaussian data), outliers become the median; where MAD is 0, every value that differs
-    from the median is an outlier. ``replaced[t, i]`` counts the replaced values of client
-    ``i`` in tile ``t`` (shape ``(num_tiles, n)``, zero on entry).
+    from the median is an outlier. A value must exceed the bound by more than rounding
+    (relative ``OUTLIER_MARGIN``): values exactly at it, as one far outlier among ten clients
+    is (Samuelson's bound), would otherwise be replaced or not by the rounding of the sums,
+    which depends on the clients' order. ``replaced[t, i]`` counts the replaced values of
+    client ``i`` in tile ``t`` (shape ``(num_tiles, n)``, zero on entry).
     """
     n, c = block.shape
     for t in numba.prange((c + TILE - 1) // TILE):
@@ -182,7 +181,7 @@ def replace_outliers(block, network, threshold, robust, replaced):  # pragma: no
                     tile[i, j] = abs(np.float64(block[i, start + j]) - centre[j])
             _sort_tile(tile, network)  # padding columns (zeros) sort harmlessly
             for j in range(width):
-                bound[j] = threshold * 1.4826 * _sorted_median(tile, n, j)
+                bound[j] = threshold * 1.4826 * _sorted_median(tile, n, j) * OUTLIER_MARGIN
         else:
             for j in range(width):
                 centre[j] = 0.0
@@ -197,7 +196,7 @@ def replace_outliers(block, network, threshold, robust, replaced):  # pragma: no
                     dev = np.float64(block[i, start + j]) - centre[j]
                     bound[j] += dev * dev
             for j in range(width):
-                bound[j] = threshold * np.sqrt(bound[j] / n)
+                bound[j] = threshold * np.sqrt(bound[j] / n) * OUTLIER_MARGIN
         for i in range(n):
             count = 0
             for j in range(width):

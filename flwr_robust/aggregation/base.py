@@ -7,6 +7,7 @@ per-client scores where the rule has them, and a reason for every client it left
 
 from __future__ import annotations
 
+import functools
 import inspect
 import numbers
 from abc import ABC, abstractmethod
@@ -46,6 +47,83 @@ class AggregationResult:
     rejected: dict[int, str] = field(default_factory=dict)
     weights: np.ndarray | None = None
     info: dict[str, float | int | str] = field(default_factory=dict)
+
+    def in_input_order(self, order: np.ndarray) -> AggregationResult:
+        """This result of clients ``order[0], order[1], ...`` with client indices mapped
+        back to the input's positions."""
+
+        def per_client(values: np.ndarray | None) -> np.ndarray | None:
+            if values is None:
+                return None
+            out = np.empty_like(np.asarray(values))
+            out[order] = values
+            return out
+
+        return AggregationResult(
+            update=self.update,
+            kept=sorted(int(order[i]) for i in self.kept),
+            scores=per_client(self.scores),
+            rejected=dict(sorted((int(order[i]), text) for i, text in self.rejected.items())),
+            weights=per_client(self.weights),
+            info=self.info,
+        )
+
+
+#: Leading values of each update compared to sort the clients (ties read further).
+CANONICAL_PREFIX = 16
+
+
+def canonical_order(updates: Sequence[Layers]) -> np.ndarray:
+    """Client indices in the lexicographic order of their updates' values (layers in
+    order, each flattened in C order; compared as float64).
+
+    The first :data:`CANONICAL_PREFIX` values of every client decide almost always; clients
+    equal on them are compared further, chunk by chunk, only as far as their first
+    difference. Identical updates keep their input order (they are interchangeable).
+    """
+    n = len(updates)
+    prefix = np.array([_leading_values(client, CANONICAL_PREFIX) for client in updates])
+    order = np.lexsort(prefix.T[::-1]) if prefix.size else np.arange(n)
+    same = np.all(prefix[order[1:]] == prefix[order[:-1]], axis=1) if n > 1 else np.array([])
+    if not np.any(same):
+        return order
+    result = list(order)
+    start = 0
+    while start < n:  # sort each run of equal prefixes by full content
+        stop = start + 1
+        while stop < n and same[stop - 1]:
+            stop += 1
+        if stop - start > 1:
+            result[start:stop] = sorted(
+                result[start:stop], key=functools.cmp_to_key(
+                    lambda a, b: _compare_updates(updates[a], updates[b])
+                )
+            )
+        start = stop
+    return np.asarray(result, dtype=np.int64)
+
+
+def _leading_values(client: Layers, count: int) -> list[float]:
+    values: list[float] = []
+    for layer in client:
+        if len(values) >= count:
+            break
+        flat = np.asarray(layer).reshape(-1)
+        values.extend(float(v) for v in flat[: count - len(values)])
+    return values + [0.0] * (count - len(values))  # every client has the same shapes
+
+
+def _compare_updates(a: Layers, b: Layers, chunk: int = 1 << 16) -> int:
+    """-1, 0 or 1: the lexicographic comparison of two updates' values."""
+    for left, right in zip(a, b, strict=True):
+        left, right = np.asarray(left).reshape(-1), np.asarray(right).reshape(-1)
+        for start in range(0, left.size, chunk):
+            x = left[start : start + chunk].astype(np.float64)
+            y = right[start : start + chunk].astype(np.float64)
+            differ = np.flatnonzero(x != y)
+            if differ.size:
+                return -1 if x[differ[0]] < y[differ[0]] else 1
+    return 0
 
 
 class Aggregator(ABC):
@@ -88,6 +166,13 @@ class Aggregator(ABC):
         base : list of np.ndarray, optional
             When given, ``updates`` are client weights and the rule aggregates
             ``updates[i] - base`` (computed block by block, without a full copy).
+
+        Order independence: the rule always sees the clients in their *canonical order*,
+        the lexicographic order of their updates' values (see :func:`canonical_order`),
+        and the result is mapped back to the input positions. Every computation, rounding
+        and tie-break included, is then the same for every order of the same clients, so
+        the result is exactly invariant to the clients' order (and no client can pick its
+        position to win a tie or to become a rule's reference point).
         """
         matrix = UpdateMatrix(updates, base=base)
         counts = _check_num_examples(num_examples, matrix.n)
@@ -98,8 +183,15 @@ class Aggregator(ABC):
                 "identities, e.g. signer key ids or node ids); state is never keyed by position"
             )
         self.check_num_clients(matrix.n)
-        result = self._aggregate(matrix, counts, ids)
-        return result
+        order = canonical_order(updates)
+        if np.array_equal(order, np.arange(matrix.n)):
+            return self._aggregate(matrix, counts, ids)
+        result = self._aggregate(
+            UpdateMatrix([updates[i] for i in order], base=base),
+            None if counts is None else counts[order],
+            None if ids is None else [ids[i] for i in order],
+        )
+        return result.in_input_order(order)
 
     @abstractmethod
     def _aggregate(

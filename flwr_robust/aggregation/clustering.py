@@ -225,7 +225,8 @@ class ClusterFilter(Aggregator):
     Without attackers every variant drops a sizeable part of the honest updates.
 
     Ties between clusters of equal size go to the tighter one (smaller mean squared
-    distance to its mean), then to the one holding the lowest client index. Example counts
+    distance to its mean), then to the one holding the first update of the canonical order
+    (see :meth:`~.base.Aggregator.__call__`). Example counts
     are ignored (unweighted mean). ``scores`` are, per ``metric``, the cosine distance of
     each update to the mean direction of the kept updates, or its Euclidean distance to
     their mean.

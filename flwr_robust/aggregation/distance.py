@@ -2,7 +2,9 @@
 
 All three work from one Gram matrix of the (translated) updates per call: pairwise squared
 distances are ``G_ii + G_jj - 2 G_ij``, so the d-dimensional data is read once for the
-Gram matrix and once more for the output.
+Gram matrix and once more for the output. The Gram matrix is finite and precise for any
+finite inputs in any order (see :mod:`.matrix`), so outliers of any magnitude get large,
+finite scores and are never selected because of an overflow.
 """
 
 from __future__ import annotations
@@ -14,17 +16,8 @@ import numpy as np
 from . import _kernels
 from .base import AggregationResult, Aggregator, check_int, result_from_flat
 from .coordinate import coordinate_reduce
-from .matrix import UpdateMatrix
+from .matrix import UpdateMatrix, squared_distances
 from .registry import register
-
-
-def squared_distances(gram: np.ndarray) -> np.ndarray:
-    """Pairwise squared Euclidean distances from a Gram matrix (zero diagonal, >= 0)."""
-    diagonal = np.diag(gram)
-    distances = diagonal[:, None] + diagonal[None, :] - 2.0 * gram
-    np.maximum(distances, 0.0, out=distances)
-    np.fill_diagonal(distances, 0.0)
-    return distances
 
 
 def krum_scores(distances: np.ndarray, num_malicious: int, candidates: np.ndarray) -> np.ndarray:
@@ -44,6 +37,13 @@ def krum_scores(distances: np.ndarray, num_malicious: int, candidates: np.ndarra
     return nearest.sum(axis=1)
 
 
+def krum_ranking(scores: np.ndarray, distances: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Positions (into ``candidates``) by Krum score; equal scores by the sum of squared
+    distances to all candidates (the more central first), then by the canonical order."""
+    spread = distances[np.ix_(candidates, candidates)].sum(axis=1)
+    return np.lexsort((spread, scores))
+
+
 def _rank_note(scores: np.ndarray, threshold: float) -> Any:
     return lambda i: f"score {scores[i]:.6g} above the selection cut-off {threshold:.6g}"
 
@@ -55,8 +55,12 @@ class Krum(Aggregator):
 
     Scores every update by the sum of squared distances to its ``n - f - 2`` nearest other
     updates and returns the update with the lowest score. Requires ``n > 2f + 2``. Example
-    counts are ignored. ``scores`` holds the Krum scores (lower is more central). Exact ties
-    resolve to the lowest index.
+    counts are ignored. ``scores`` holds the Krum scores (lower is more central).
+
+    Deviation: the paper leaves ties open. They are common (with one scored neighbour, two
+    mutual nearest neighbours always score the same): the one with the smaller sum of
+    squared distances to all others wins (the more central), then the first of the
+    canonical order (see :meth:`Aggregator.__call__`); never a client's position.
 
     Parameters
     ----------
@@ -79,8 +83,9 @@ class Krum(Aggregator):
         self, matrix: UpdateMatrix, num_examples: np.ndarray | None, client_ids: list[Any] | None
     ) -> AggregationResult:
         distances = squared_distances(matrix.gram())
-        scores = krum_scores(distances, self.num_malicious, np.arange(matrix.n))
-        winner = int(np.argmin(scores))
+        candidates = np.arange(matrix.n)
+        scores = krum_scores(distances, self.num_malicious, candidates)
+        winner = int(krum_ranking(scores, distances, candidates)[0])
         flat = matrix.row(winner)
         return result_from_flat(
             matrix,
@@ -98,7 +103,8 @@ class MultiKrum(Aggregator):
 
     Computes the Krum scores once, selects the ``num_selected`` updates with the lowest
     scores and returns their unweighted mean (example counts are ignored, so a client cannot
-    buy weight by claiming more data). Requires ``n > 2f + 2``.
+    buy weight by claiming more data). Requires ``n > 2f + 2``. Ties at the cut-off are
+    broken as in :class:`Krum`.
 
     Parameters
     ----------
@@ -125,8 +131,9 @@ class MultiKrum(Aggregator):
     ) -> AggregationResult:
         selected_count = self.num_selected or matrix.n - self.num_malicious
         distances = squared_distances(matrix.gram())
-        scores = krum_scores(distances, self.num_malicious, np.arange(matrix.n))
-        selected = np.sort(np.argsort(scores, kind="stable")[:selected_count])
+        candidates = np.arange(matrix.n)
+        scores = krum_scores(distances, self.num_malicious, candidates)
+        selected = np.sort(krum_ranking(scores, distances, candidates)[:selected_count])
         weights = np.zeros(matrix.n)
         weights[selected] = 1.0 / selected_count
         flat = matrix.combine(weights[selected], rows=selected.tolist())
@@ -170,7 +177,8 @@ class Bulyan(Aggregator):
         return " (Bulyan needs n >= 4 * num_malicious + 3)"
 
     def select(self, distances: np.ndarray) -> tuple[list[int], np.ndarray]:
-        """Recursive Krum selection: the ``theta`` selected indices and first-step scores."""
+        """Recursive Krum selection: the ``theta`` selected indices and first-step scores
+        (ties broken as in :class:`Krum`)."""
         n = distances.shape[0]
         theta = n - 2 * self.num_malicious
         remaining = np.arange(n)
@@ -180,7 +188,7 @@ class Bulyan(Aggregator):
             scores = krum_scores(distances, self.num_malicious, remaining)
             if step == 0:
                 first_scores = scores
-            best = int(np.argmin(scores))
+            best = int(krum_ranking(scores, distances, remaining)[0])
             selected.append(int(remaining[best]))
             remaining = np.delete(remaining, best)
         return sorted(selected), first_scores

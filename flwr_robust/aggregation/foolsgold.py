@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
 
 from .base import AggregationResult, Aggregator, check_float, result_from_flat
 from .clustering import cosine_similarities
-from .matrix import UpdateMatrix
+from .matrix import UpdateMatrix, _safe_products
 from .registry import register
 
 logger = logging.getLogger(__name__)
+
+#: Largest magnitude a stored history value may take: the squares of a block of up to 2**23
+#: such values sum below the float32 safety bound HUGE = 2**100 of :mod:`.matrix`.
+_HISTORY_LIMIT = 2.0**36
 
 
 def foolsgold_weights(similarities: np.ndarray, kappa: float) -> np.ndarray:
@@ -28,12 +33,13 @@ def foolsgold_weights(similarities: np.ndarray, kappa: float) -> np.ndarray:
     if n == 1:
         return np.ones(1)
     cs = similarities.copy()
-    np.fill_diagonal(cs, -np.inf)
-    v = cs.max(axis=1)
+    np.fill_diagonal(cs, 0.0)
+    others = ~np.eye(n, dtype=bool)
+    v = np.where(others, cs, -np.inf).max(axis=1)
     pardon = (v[None, :] > v[:, None]) & (v[:, None] > 0)
     ratio = v[:, None] / np.where(pardon, v[None, :], 1.0)
     cs = np.where(pardon, cs * ratio, cs)
-    alpha = np.clip(1.0 - cs.max(axis=1), 0.0, 1.0)
+    alpha = np.clip(1.0 - np.where(others, cs, -np.inf).max(axis=1), 0.0, 1.0)
     top = alpha.max()
     if top <= 0:
         return np.zeros(n)
@@ -83,17 +89,29 @@ class FoolsGold(Aggregator):
     def __init__(self, kappa: float = 1.0) -> None:
         self.kappa = check_float("kappa", kappa, minimum=0.0, exclusive_minimum=True)
         self._history: dict[Any, np.ndarray] = {}
+        self._scale: dict[Any, float] = {}  # stored history = true history / scale
 
     def reset(self) -> None:
         self._history.clear()
+        self._scale.clear()
 
     def history(self, client_id: Any) -> np.ndarray | None:
-        """A copy of the summed past updates of ``client_id`` (``None`` if unknown)."""
+        """The summed past updates of ``client_id`` (float64; ``None`` if unknown)."""
         found = self._history.get(client_id)
-        return None if found is None else found.copy()
+        if found is None:
+            return None
+        return found.astype(np.float64) * self._scale.get(client_id, 1.0)
 
     def _update_histories(self, matrix: UpdateMatrix, ids: list[Any]) -> np.ndarray:
-        """Add the updates to the histories; return the histories' uncentred Gram matrix."""
+        """Add the updates to the histories; return the Gram matrix of the stored histories
+        (each a positive multiple of the client's true history: cosines are the same).
+
+        A history is stored as float32 values times a power-of-two scale (1 until needed).
+        When a client's history would leave the range where float32 products are exact
+        (see :mod:`.matrix`), that block is redone in float64 and the client's stored values
+        are scaled down by a power of two (exact), so histories of any finite updates stay
+        finite and their cosines exact.
+        """
         import torch
 
         for client, stored in self._history.items():
@@ -103,15 +121,52 @@ class FoolsGold(Aggregator):
                     f"updates have {matrix.d}: the model changed; call reset()"
                 )
         histories = [self._history.setdefault(i, np.zeros(matrix.d, np.float32)) for i in ids]
+        scales = np.array([self._scale.get(i, 1.0) for i in ids])
         gram = np.zeros((matrix.n, matrix.n))
         for start, stop, block in matrix.blocks():
+            for row in np.flatnonzero(scales != 1.0):
+                block[row] *= np.float32(1.0 / scales[row])  # power of two: exact
             for row, history in enumerate(histories):
-                part = history[start:stop]
-                part += block[row]
-                block[row] = part
+                block[row] += history[start:stop]
             tensor = torch.from_numpy(block)
-            gram += (tensor @ tensor.T).numpy()
+            part = (tensor @ tensor.T).numpy().astype(np.float64)
+            if _safe_products(part):
+                for row, history in enumerate(histories):
+                    history[start:stop] = block[row]
+            else:
+                part = self._exact_block_update(matrix, histories, scales, gram, start, stop)
+            gram += part
+        for client, scale in zip(ids, scales, strict=True):
+            if scale != 1.0:
+                self._scale[client] = float(scale)
         return (gram + gram.T) / 2.0
+
+    @staticmethod
+    def _exact_block_update(
+        matrix: UpdateMatrix,
+        histories: list[np.ndarray],
+        scales: np.ndarray,
+        gram: np.ndarray,
+        start: int,
+        stop: int,
+    ) -> np.ndarray:
+        """The slow path of one block: new histories in float64; a client whose values
+        would exceed ``_HISTORY_LIMIT`` is rescaled (its earlier blocks and Gram entries
+        too)."""
+        new = matrix.exact_block(start, stop) / scales[:, None]
+        for row, history in enumerate(histories):
+            new[row] += history[start:stop]
+            largest = float(np.max(np.abs(new[row]))) if new.shape[1] else 0.0
+            if largest > _HISTORY_LIMIT:
+                shrink = 2.0 ** -math.ceil(math.log2(largest / _HISTORY_LIMIT))
+                new[row] *= shrink
+                history[:start] *= np.float32(shrink)
+                gram[row, :] *= shrink
+                gram[:, row] *= shrink
+                scales[row] /= shrink
+            history[start:stop] = new[row]
+        stored = np.stack([h[start:stop] for h in histories]).astype(np.float64)
+        return stored @ stored.T
 
     def _aggregate(
         self, matrix: UpdateMatrix, num_examples: np.ndarray | None, client_ids: list[Any] | None

@@ -14,8 +14,24 @@ from typing import Any
 import numpy as np
 
 from .base import AggregationResult, Aggregator, check_float, check_int, result_from_flat
-from .matrix import UpdateMatrix
+from .matrix import UpdateMatrix, squared_distances
 from .registry import register
+
+
+def robust_start(gram: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Coefficients of a starting point among the majority: the ``alpha``-weighted mean of
+    the ``n // 2 + 1`` rows nearest to the medoid (the row with the smallest
+    ``alpha``-weighted sum of distances to the others). With fewer than half the rows far
+    away, the medoid and its nearest half are rows of the majority. (Ties go to the first
+    row of the canonical order; that matters where the minimiser is not unique, e.g. for
+    collinear updates of an even count, where Weiszfeld stays where it starts.)
+    """
+    distances = np.sqrt(squared_distances(gram))
+    medoid = int(np.argmin(distances @ alpha))
+    nearest = np.argsort(distances[medoid], kind="stable")[: len(alpha) // 2 + 1]
+    coefficients = np.zeros(len(alpha))
+    coefficients[nearest] = alpha[nearest] / alpha[nearest].sum()
+    return coefficients
 
 
 def distances_to_combination(gram: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
@@ -31,10 +47,20 @@ class GeometricMedian(Aggregator):
     Harchaoui, IEEE Trans. Signal Processing 70, 2022, "Robust Aggregation for Federated
     Learning").
 
-    Minimises ``sum_i a_i max(nu, ||z - x_i||)`` starting from the mean. Each iteration
-    re-weights ``b_i = a_i / max(nu, ||z - x_i||)`` and sets ``z`` to the ``b``-weighted
-    mean, until the objective improves by less than ``tol`` relative to its value (RFA's
-    stopping rule), or ``max_iter`` iterations. Breakdown point 1/2.
+    Minimises ``sum_i a_i max(nu, ||z - x_i||)``. Each iteration re-weights
+    ``b_i = a_i / max(nu, ||z - x_i||)`` and sets ``z`` to the ``b``-weighted mean, until the
+    iterate moves by less than ``tol`` times the median distance of the updates to it, or
+    ``max_iter`` iterations. Breakdown point 1/2.
+
+    Deviations from RFA, both for robustness to outliers of any magnitude: RFA starts from
+    the mean and stops when the objective improves by less than ``tol`` relative to its
+    value. An outlier drags the mean arbitrarily far and dominates the objective, so that
+    rule stops early, far from the minimiser (measured: 4 honest N(0, 1) vectors and one at
+    1e12 in every coordinate gave a result 2.7e5 from the honest mean, the minimiser being
+    0.9 from it). Here the start is the mean of the ``n // 2 + 1`` updates nearest to the
+    medoid (the update with the smallest weighted sum of distances to the others), which
+    lies among the majority, and the stopping rule compares the step with the spread of the
+    majority (the median distance), which no minority can inflate.
 
     Example counts: ignored by default (``a_i`` uniform). RFA weights clients by their data
     size; ``use_num_examples=True`` does so, but the counts are client claims, so a client
@@ -51,7 +77,8 @@ class GeometricMedian(Aggregator):
         Smoothing: distances below ``nu`` count as ``nu`` (avoids division by zero when the
         iterate meets an update).
     tol : float
-        Relative objective improvement at which the iteration stops.
+        The iteration stops once a step is shorter than ``tol`` times the median distance
+        of the updates to the iterate.
     max_iter : int
         Upper bound on Weiszfeld iterations.
     use_num_examples : bool
@@ -85,22 +112,22 @@ class GeometricMedian(Aggregator):
         if self.use_num_examples and num_examples is not None:
             alpha = num_examples.astype(np.float64)
         alpha = alpha / alpha.sum()
-        coefficients = alpha.copy()
+        coefficients = robust_start(gram, alpha)
         distances = distances_to_combination(gram, coefficients)
-        objective = float(alpha @ np.maximum(distances, self.nu))
         converged = False
         iterations = 0
         while iterations < self.max_iter:
             iterations += 1
             beta = alpha / np.maximum(distances, self.nu)
-            coefficients = beta / beta.sum()
+            new = beta / beta.sum()
+            step = new - coefficients
+            moved = float(np.sqrt(max(float(step @ gram @ step), 0.0)))
+            coefficients = new
             distances = distances_to_combination(gram, coefficients)
-            new_objective = float(alpha @ np.maximum(distances, self.nu))
-            improvement = objective - new_objective
-            objective = new_objective
-            if improvement <= self.tol * new_objective:
+            if moved <= self.tol * max(float(np.median(distances)), self.nu):
                 converged = True
                 break
+        objective = float(alpha @ np.maximum(distances, self.nu))
         flat = matrix.combine(coefficients)
         return result_from_flat(
             matrix,

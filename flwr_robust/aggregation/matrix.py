@@ -6,6 +6,31 @@ its rows. :class:`UpdateMatrix` provides these without ever stacking the whole m
 copies ``max_block_bytes`` worth of columns at a time into one reused float32 buffer
 (subtracting the optional ``base``, so client weights become deltas on the fly), which keeps
 the extra memory of every rule a few megabytes plus its output.
+
+Numerics. The blocks are float32 and the products run in float32 (torch GEMM), accumulated
+across blocks in float64. Two safeguards make every result independent of the clients'
+order and exact up to rounding for any finite inputs:
+
+- *Range.* A block's float32 products are used only when every squared row norm of the
+  block lies in ``[TINY, HUGE]`` (or is zero): then no element, product or partial sum can
+  over- or underflow float32. For Gram matrices around an anchor, also only when no
+  translated row is more than ``DYNAMIC_RANGE`` times longer (squared) than the median one:
+  float32 rounding of a far row's products would otherwise exceed the other rows' spread,
+  and decisions that compare distances to far rows (k-means) would turn on rounding.
+  Otherwise that block is recomputed in float64 from the clients' arrays, which
+  holds the square of any float32 value. Weighted sums of rows that come out non-finite
+  are recomputed in float64 the same way.
+- *Anchor.* Gram matrices are computed of the rows translated by an anchor, which removes
+  what the rows share and keeps float32 products precise when the rows differ by far less
+  than their magnitude. The anchor is the middle row (rules see the clients in a canonical
+  order of their values, see :meth:`~.base.Aggregator.__call__`, so it is a typical one);
+  an anchor far from the others (an outlier) would destroy that precision, so it is
+  checked after the pass: when its median
+  distance to the other rows exceeds ``ANCHOR_FACTOR`` times the smallest such median, the
+  pass is repeated around the coordinate-wise median of the rows, which lies within the
+  majority's range in every coordinate whenever fewer than half the rows are outliers, at
+  any magnitude and position. Honest data costs one pass; an outlier that becomes the
+  anchor costs a second pass and a median per coordinate.
 """
 
 from __future__ import annotations
@@ -21,6 +46,14 @@ import numpy as np
 
 COMBINE_CHUNK = 1 << 16  # values per accumulation chunk of combine() (256 KiB, in cache)
 DEFAULT_BLOCK_BYTES = 32 << 20  # measured best on 2 cores (n=50, d=1e6): fewer, larger GEMMs
+#: float32 block products are trusted when every squared row norm is 0 or in [TINY, HUGE].
+HUGE = 2.0**100
+TINY = 2.0**-100
+#: ... and, around an anchor, at most this many times the median squared row norm.
+DYNAMIC_RANGE = 2.0**16
+#: An anchor whose median distance to the other rows exceeds this multiple of the smallest
+#: such median is replaced (see the module docstring).
+ANCHOR_FACTOR = 4.0
 
 Layers = Sequence[np.ndarray]
 
@@ -34,12 +67,14 @@ def _as_flat(array: np.ndarray, where: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class AnchoredGram:
-    """All inner products of ``m`` rows ``x_i``, stored around the anchor row ``x_0``.
+    """All inner products of ``m`` rows ``x_i``, stored around an anchor point ``p``.
 
-    ``centered[i, j] = (x_i - x_0) . (x_j - x_0)`` (what :meth:`UpdateMatrix.gram` returns:
-    well conditioned, translation invariant), ``anchor[i] = (x_i - x_0) . x_0`` and
-    ``anchor_sq = x_0 . x_0``. Together they give the uncentred Gram matrix and the Gram
-    matrix of any linear mix ``Y = M X`` of the rows without touching the data again.
+    ``centered[i, j] = (x_i - p) . (x_j - p)`` (well conditioned: what
+    :meth:`UpdateMatrix.gram` returns), ``anchor[i] = (x_i - p) . p`` and
+    ``anchor_sq = p . p``. The anchor is a point among the majority of the rows (see the
+    module docstring). Together they give the uncentred Gram matrix and the Gram matrix of
+    any linear mix ``Y = M X`` of the rows, around the same anchor, without touching the
+    data again.
     """
 
     centered: np.ndarray
@@ -55,33 +90,77 @@ class AnchoredGram:
         """``||x_i||^2``."""
         return np.diag(self.centered) + 2.0 * self.anchor + self.anchor_sq
 
-    def translated(self, rows: Sequence[int] | None = None) -> np.ndarray:
-        """Gram matrix of the selected rows translated by the first selected row (what
-        :meth:`UpdateMatrix.gram` computes for ``rows``)."""
-        index = np.arange(len(self.anchor)) if rows is None else np.asarray(rows, dtype=np.int64)
-        sub = self.centered[np.ix_(index, index)]
-        first = self.centered[index[0], index]
-        return sub - first[None, :] - first[:, None] + self.centered[index[0], index[0]]
-
     def mixed(self, mixing: np.ndarray) -> AnchoredGram:
-        """The anchored Gram matrix of the rows ``Y = mixing @ X`` (anchored at ``y_0``).
+        """The anchored Gram matrix of the rows ``Y = mixing @ X``, around the same ``p``.
 
-        With ``P = M - 1 m_0``, ``r = M 1 - (m_0 . 1) 1`` and ``X_c = X - 1 x_0^T``:
-        ``Y - 1 y_0^T = P X_c + r x_0^T``, which expands into the stored products.
+        With ``r = M 1 - 1`` and ``X_c = X - 1 p^T``: ``Y - 1 p^T = M X_c + r p^T``, which
+        expands into the stored products. For row-stochastic mixings (NNM, bucketing)
+        ``r = 0`` and the centred part is exactly ``M C M^T``.
         """
-        m0 = mixing[0]
-        total0 = float(m0.sum())
-        p = mixing - m0[None, :]
-        r = mixing.sum(axis=1) - total0
-        pa = p @ self.anchor
-        gc_m0 = self.centered @ m0
-        a_m0 = float(self.anchor @ m0)
-        centered = p @ self.centered @ p.T + np.outer(pa, r) + np.outer(r, pa)
-        centered += self.anchor_sq * np.outer(r, r)
+        rest = mixing.sum(axis=1) - 1.0
+        mixed_anchor = mixing @ self.anchor
+        centered = mixing @ self.centered @ mixing.T
+        if np.any(rest):
+            centered += np.outer(mixed_anchor, rest) + np.outer(rest, mixed_anchor)
+            centered += self.anchor_sq * np.outer(rest, rest)
         centered = (centered + centered.T) / 2.0
-        anchor = p @ gc_m0 + total0 * pa + (a_m0 + total0 * self.anchor_sq) * r
-        anchor_sq = float(m0 @ gc_m0) + 2.0 * total0 * a_m0 + total0**2 * self.anchor_sq
-        return AnchoredGram(centered, anchor, anchor_sq)
+        return AnchoredGram(centered, mixed_anchor + rest * self.anchor_sq, self.anchor_sq)
+
+
+def squared_distances(gram: np.ndarray) -> np.ndarray:
+    """Pairwise squared Euclidean distances from a (translated) Gram matrix (zero diagonal,
+    >= 0)."""
+    diagonal = np.diag(gram)
+    distances = diagonal[:, None] + diagonal[None, :] - 2.0 * gram
+    np.maximum(distances, 0.0, out=distances)
+    np.fill_diagonal(distances, 0.0)
+    return distances
+
+
+def anchor_is_far(centered: np.ndarray, anchor: int) -> bool:
+    """Whether row ``anchor`` lies far from the majority of the rows.
+
+    Each row's typical distance is its median squared distance to the other rows; the
+    anchor is far when its own is more than :data:`ANCHOR_FACTOR` times the smallest one.
+    Distances computed around a far anchor lose precision between the other rows, but only
+    down to a level far below the anchor's own (precise) distances, so a far anchor is
+    always recognised, and an anchor that passes is near enough for precise products.
+    """
+    m = len(centered)
+    if m < 3:
+        return False
+    distances = squared_distances(centered)
+    np.fill_diagonal(distances, np.nan)
+    typical = np.nanmedian(distances, axis=1)
+    return bool(typical[anchor] > ANCHOR_FACTOR * typical.min())
+
+
+def _column_medians(block: np.ndarray) -> np.ndarray:
+    """The median of every column of ``block`` (float32), with the compiled kernels."""
+    from . import _kernels  # lazy: compiled kernels are needed on this path only
+
+    out = np.empty(block.shape[1], dtype=np.float32)
+    _kernels.coordinate_median(block, _kernels.sorting_network(block.shape[0]), out)
+    return out
+
+
+def _safe_products(products: np.ndarray, *, centred: bool = False) -> bool:
+    """Whether float32 products of a block are free of over- and underflow: finite, and
+    every squared row norm (the diagonal) zero or within ``[TINY, HUGE]``; for products
+    around an anchor (``centred``), also within ``DYNAMIC_RANGE`` of the median one."""
+    diagonal = np.diag(products)
+    if not np.all(np.isfinite(products)) or np.any(diagonal > HUGE):
+        return False
+    if np.any((diagonal > 0) & (diagonal < TINY)):
+        return False
+    return not centred or diagonal.max() <= DYNAMIC_RANGE * np.median(diagonal)
+
+
+def _safe_norms(norms: np.ndarray) -> bool:
+    return bool(
+        np.all(np.isfinite(norms)) and not np.any(norms > HUGE)
+        and not np.any((norms > 0) & (norms < TINY))
+    )
 
 
 def weighted_rows(weights: np.ndarray, block: np.ndarray, out: np.ndarray) -> None:
@@ -90,14 +169,21 @@ def weighted_rows(weights: np.ndarray, block: np.ndarray, out: np.ndarray) -> No
     Every BLAS-like product of the core goes through torch: alternating numpy's OpenBLAS
     with torch's (or the compiled kernels') thread pools within one aggregation stalls the
     pools against each other (measured 3-10x slower).
+    A non-finite result (a float32 overflow of finite values) is recomputed in float64.
     """
-    import torch  # lazy: a heavy import, and the core's only use of torch
+    import torch  # lazy: a heavy import
 
     torch.mv(
         torch.from_numpy(block).T,
         torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)),
         out=torch.from_numpy(out),
     )
+    if not np.all(np.isfinite(out)):
+        exact = torch.from_numpy(block).double().T @ torch.from_numpy(
+            np.asarray(weights, dtype=np.float64)
+        )
+        with np.errstate(over="ignore"):
+            out[:] = exact.numpy()
 
 
 class UpdateMatrix:
@@ -213,56 +299,136 @@ class UpdateMatrix:
         ranges = self.block_ranges(len(selected))
         width = ranges[0][1] - ranges[0][0]
         buffer = np.empty((len(selected), width), dtype=np.float32)
-        offsets = self._offsets
         for start, stop in ranges:
             block = buffer if stop - start == width else np.empty_like(buffer[:, : stop - start])
-            first = int(np.searchsorted(offsets, start, side="right")) - 1
-            layer = first
-            while layer < len(self.shapes) and offsets[layer] < stop:
-                lo = max(start, int(offsets[layer]))
-                hi = min(stop, int(offsets[layer + 1]))
-                src = slice(lo - int(offsets[layer]), hi - int(offsets[layer]))
-                dst = slice(lo - start, hi - start)
-                target = block[:, dst]
-                np.stack([self._rows[client][layer][src] for client in selected], out=target,
-                         casting="unsafe")
-                if self._base is not None:
-                    clients = [i for i, client in enumerate(selected) if client < self.n]
-                    if len(clients) == len(selected):
-                        np.subtract(target, self._base[layer][src], out=target, casting="unsafe")
-                    else:  # extra rows (already deltas) are not offset by the base
-                        target[clients] -= self._base[layer][src]
-                layer += 1
+            self._fill(block, selected, start, stop)
             yield start, stop, block
 
-    # -------------------------------------------------------------- reductions
-    def gram(self, rows: Sequence[int] | None = None, *, centered: bool = True) -> np.ndarray:
-        """Gram matrix ``X X^T`` (float64) of the selected rows.
+    def exact_block(
+        self, start: int, stop: int, rows: Sequence[int] | None = None
+    ) -> np.ndarray:
+        """Columns ``start:stop`` of the selected rows as a new float64 array, the deltas
+        computed in float64 (the slow, exact path of the reductions)."""
+        selected = list(range(self.num_rows)) if rows is None else [int(r) for r in rows]
+        block = np.empty((len(selected), stop - start), dtype=np.float64)
+        self._fill(block, selected, start, stop)
+        return block
 
-        With ``centered=True`` every block is first translated by its first row. Pairwise
-        distances ``G_ii + G_jj - 2 G_ij`` are translation invariant, and translating removes
-        the component all clients share, so the float32 products keep their precision even
-        when updates differ by far less than their magnitude.
+    def _fill(self, block: np.ndarray, selected: list[int], start: int, stop: int) -> None:
+        """Write rows ``selected``, columns ``start:stop`` into ``block`` (its dtype)."""
+        offsets = self._offsets
+        layer = int(np.searchsorted(offsets, start, side="right")) - 1
+        while layer < len(self.shapes) and offsets[layer] < stop:
+            lo = max(start, int(offsets[layer]))
+            hi = min(stop, int(offsets[layer + 1]))
+            src = slice(lo - int(offsets[layer]), hi - int(offsets[layer]))
+            target = block[:, lo - start : hi - start]
+            np.stack([self._rows[client][layer][src] for client in selected], out=target,
+                     casting="unsafe")
+            if self._base is not None:
+                clients = [i for i, client in enumerate(selected) if client < self.n]
+                with np.errstate(over="ignore"):
+                    if len(clients) == len(selected):
+                        np.subtract(target, self._base[layer][src], out=target,
+                                    casting="unsafe")
+                    else:  # extra rows (already deltas) are not offset by the base
+                        target[clients] -= self._base[layer][src]
+            layer += 1
+
+    # -------------------------------------------------------------- reductions
+    def gram(self, *, centered: bool = True) -> np.ndarray:
+        """Gram matrix (float64) of all rows.
+
+        With ``centered=True`` (default) the rows are first translated by a common anchor
+        row chosen among the majority (see the module docstring): pairwise distances
+        ``G_ii + G_jj - 2 G_ij`` and affine combinations are translation invariant, and the
+        translation keeps the float32 products precise when the rows differ by far less
+        than their magnitude, whatever the position and size of outliers. With
+        ``centered=False``, the plain ``X X^T``.
         """
+        if not centered:
+            return self._uncentered_gram()
+        return self._anchored(with_anchor=False).centered
+
+    def anchored_gram(self) -> AnchoredGram:
+        """The :class:`AnchoredGram` of all rows (the centred Gram matrix :meth:`gram`
+        computes, plus the products with the anchor)."""
+        return self._anchored(with_anchor=True)
+
+    def _anchored(self, *, with_anchor: bool) -> AnchoredGram:
+        anchor = self.num_rows // 2
+        gram = self._translated_pass(anchor, with_anchor)
+        if not anchor_is_far(gram.centered, anchor):
+            return gram
+        return self._translated_pass(None, with_anchor)
+
+    def _translated_pass(self, anchor: int | None, with_anchor: bool) -> AnchoredGram:
+        """One pass over the data: the rows' products around row ``anchor``, or around the
+        coordinate-wise median of the rows when ``anchor`` is ``None``."""
         import torch  # lazy: torch's CPU GEMM is ~2x OpenBLAS on these shapes
 
-        size = self.num_rows if rows is None else len(rows)
-        result = np.zeros((size, size), dtype=np.float64)
-        for _, _, block in self.blocks(rows):
+        size = self.num_rows
+        centered = np.zeros((size, size), dtype=np.float64)
+        products = np.zeros(size, dtype=np.float64)
+        anchor_sq = 0.0
+        for start, stop, block in self.blocks():
             tensor = torch.from_numpy(block)
-            if centered:
-                tensor[1:] -= tensor[0]  # torch: multi-threaded, no temporary copy
-                tensor[0] = 0.0
-            result += (tensor @ tensor.T).numpy()
+            if anchor is None:
+                point = torch.from_numpy(_column_medians(block))
+                tensor -= point
+            else:
+                point = tensor[anchor].clone()
+                tensor[:anchor] -= point  # torch: multi-threaded, no temporary copy
+                tensor[anchor + 1 :] -= point
+                tensor[anchor] = 0.0
+            part = (tensor @ tensor.T).numpy().astype(np.float64)
+            if with_anchor:  # float64 accumulation: mixings that do not preserve the mean
+                # (clipping) combine these products with the centred ones
+                point64 = point.numpy().astype(np.float64)
+                point_sq = float(point64 @ point64)
+                along = np.einsum("ij,j->i", block, point64)
+                safe = _safe_products(part, centred=True)
+                safe = safe and _safe_norms(np.array([point_sq]))
+            else:
+                point_sq, along, safe = 0.0, products, _safe_products(part, centred=True)
+            if not safe:  # slow exact path: this block in float64
+                exact = torch.from_numpy(self.exact_block(start, stop))
+                point64 = point.double() if anchor is None else exact[anchor].clone()
+                exact -= point64
+                part = (exact @ exact.T).numpy()
+                point_sq = float(point64 @ point64)
+                along = (exact @ point64).numpy()
+            centered += part
+            if with_anchor:
+                products += along
+                anchor_sq += point_sq
+        return AnchoredGram((centered + centered.T) / 2.0, products, anchor_sq)
+
+    def _uncentered_gram(self) -> np.ndarray:
+        import torch
+
+        size = self.num_rows
+        result = np.zeros((size, size), dtype=np.float64)
+        for start, stop, block in self.blocks():
+            tensor = torch.from_numpy(block)
+            part = (tensor @ tensor.T).numpy().astype(np.float64)
+            if not _safe_products(part):
+                exact = torch.from_numpy(self.exact_block(start, stop))
+                part = (exact @ exact.T).numpy()
+            result += part
         return (result + result.T) / 2.0
 
     def squared_norms(self, rows: Sequence[int] | None = None) -> np.ndarray:
         """Squared Euclidean norm of each selected row (float64)."""
         size = self.num_rows if rows is None else len(rows)
         result = np.zeros(size, dtype=np.float64)
-        for _, _, block in self.blocks(rows):
+        for start, stop, block in self.blocks(rows):
             # float32 sums within a block (a few thousand terms), float64 across blocks
-            result += np.einsum("ij,ij->i", block, block)
+            part = np.einsum("ij,ij->i", block, block).astype(np.float64)
+            if not _safe_norms(part):
+                exact = self.exact_block(start, stop, rows)
+                part = np.einsum("ij,ij->i", exact, exact)
+            result += part
         return result
 
     def combine(self, weights: np.ndarray, rows: Sequence[int] | None = None) -> np.ndarray:
@@ -271,7 +437,9 @@ class UpdateMatrix:
         Accumulates straight from the clients' layers, chunk by chunk (no stacked block):
         each selected row is read once, the chunk being summed stays in cache. Uses torch
         like :meth:`gram`: alternating numpy's BLAS and torch's thread pools in one
-        aggregation stalls both (measured 3-5x slower).
+        aggregation stalls both (measured 3-5x slower). A non-finite result (a float32
+        overflow of finite values) is recomputed in float64; it stays non-finite only when
+        the exact sum lies beyond float32's range.
         """
         import torch  # lazy, see gram()
 
@@ -280,27 +448,31 @@ class UpdateMatrix:
                         if w != 0.0]
         base_weight = -sum(w for r, w in coefficients if r < self.n)
         out = np.zeros(self.d, dtype=np.float32)
-        chunk = COMBINE_CHUNK
         with warnings.catch_warnings():  # the rows may be read-only views: only read here
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            self._accumulate(coefficients, base_weight, out, chunk, torch)
+            self._accumulate(coefficients, base_weight, out, torch.float32, torch)
+            if not np.all(np.isfinite(out)):
+                exact = np.zeros(self.d, dtype=np.float64)
+                self._accumulate(coefficients, base_weight, exact, torch.float64, torch)
+                with np.errstate(over="ignore"):
+                    out[:] = exact
         return out
 
     def _accumulate(
         self, coefficients: list[tuple[int, float]], base_weight: float, out: np.ndarray,
-        chunk: int, torch: Any,
+        dtype: Any, torch: Any,
     ) -> None:
         for layer in range(len(self.shapes)):
             lo, hi = int(self._offsets[layer]), int(self._offsets[layer + 1])
-            for start in range(0, hi - lo, chunk):
-                stop = min(hi - lo, start + chunk)
+            for start in range(0, hi - lo, COMBINE_CHUNK):
+                stop = min(hi - lo, start + COMBINE_CHUNK)
                 acc = torch.from_numpy(out[lo + start : lo + stop])
                 for row, weight in coefficients:
                     values = torch.from_numpy(self._rows[row][layer][start:stop])
-                    acc.add_(values.to(torch.float32), alpha=weight)
+                    acc.add_(values.to(dtype), alpha=weight)
                 if self._base is not None and base_weight:
                     base = torch.from_numpy(self._base[layer][start:stop])
-                    acc.add_(base.to(torch.float32), alpha=base_weight)
+                    acc.add_(base.to(dtype), alpha=base_weight)
 
     def row(self, index: int) -> np.ndarray:
         """One row as a new flat float32 vector."""
@@ -309,32 +481,18 @@ class UpdateMatrix:
             out[start:stop] = block[0]
         return out
 
-    def anchored_gram(self) -> AnchoredGram:
-        """The :class:`AnchoredGram` of all rows in one pass over the data (the
-        centred Gram matrix :meth:`gram` computes, plus the products with row 0)."""
-        import torch
-
-        size = self.num_rows
-        centered = np.zeros((size, size), dtype=np.float64)
-        anchor = np.zeros(size, dtype=np.float64)
-        anchor_sq = 0.0
-        for _, _, block in self.blocks():
-            first = block[0].copy()
-            anchor_sq += float(np.einsum("i,i->", first, first))
-            np.subtract(block[1:], first, out=block[1:])
-            block[0] = 0.0
-            tensor = torch.from_numpy(block)
-            centered += (tensor @ tensor.T).numpy()
-            # einsum, not BLAS: alternating numpy BLAS with torch's thread pool stalls both
-            anchor += np.einsum("ij,j->i", block, first)
-        return AnchoredGram((centered + centered.T) / 2.0, anchor, anchor_sq)
-
     def squared_distances_to(self, vector: np.ndarray) -> np.ndarray:
         """``||row_i - vector||^2`` (float64) for every row, ``vector`` flat ``(d,)``."""
         result = np.zeros(self.num_rows, dtype=np.float64)
         for start, stop, block in self.blocks():
-            np.subtract(block, vector[start:stop], out=block)
-            result += np.einsum("ij,ij->i", block, block)
+            with np.errstate(over="ignore"):
+                np.subtract(block, vector[start:stop], out=block)
+            part = np.einsum("ij,ij->i", block, block).astype(np.float64)
+            if not _safe_norms(part):
+                exact = self.exact_block(start, stop)
+                exact -= vector[start:stop]
+                part = np.einsum("ij,ij->i", exact, exact)
+            result += part
         return result
 
     def subset(self, rows: Sequence[int]) -> UpdateMatrix:
@@ -367,11 +525,15 @@ class MixedUpdateMatrix(UpdateMatrix):
     (``m x n``), never materialised.
 
     Pre-aggregation stages (nearest-neighbour mixing, bucketing, clipping) are such linear
-    maps. Blocks are ``M[rows] @ block`` of the source blocks; the Gram matrix comes from
-    the source's :class:`AnchoredGram` (``source_gram`` when the stage already has it,
-    otherwise computed once on first use) through :meth:`AnchoredGram.mixed`; norms from
-    that Gram matrix; ``combine(w)`` is the source's ``combine(M^T w)``. Any rule runs on it
-    unchanged.
+    maps. Blocks are ``M[rows] @ block`` of the source blocks (a row scaling when ``M`` is
+    diagonal); ``combine(w)`` is the source's ``combine(M^T w)``. When every mixed row is a
+    convex combination of the source rows (NNM, bucketing), the Gram matrix comes from the
+    source's :class:`AnchoredGram` (``source_gram`` when the stage already has it, otherwise
+    computed once on first use) through :meth:`AnchoredGram.mixed`, exactly and without
+    touching the data again. Other mixings (clipping) scale rows far from the anchor by
+    factors that Gram algebra would multiply into float32 rounding of those rows' products,
+    so their Gram matrix is computed by one pass over the mixed blocks. Norms come from the
+    Gram matrix. Any rule runs on it unchanged.
 
     Parameters
     ----------
@@ -406,6 +568,13 @@ class MixedUpdateMatrix(UpdateMatrix):
         self.n = self.num_rows = mixing.shape[0]
         self._source_gram = source_gram
         self._gram: AnchoredGram | None = None
+        self._classify()
+
+    def _classify(self) -> None:
+        mixing = self.mixing
+        self._convex = bool(np.all(mixing >= 0) and np.allclose(mixing.sum(axis=1), 1.0))
+        square = mixing.shape[0] == mixing.shape[1]
+        self._diagonal = square and not np.any(mixing - np.diag(np.diag(mixing)))
 
     def with_extra_rows(self, extra_rows: Sequence[np.ndarray]) -> MixedUpdateMatrix:
         """The mixed rows plus ``extra_rows`` (flat, unmixed)."""
@@ -420,6 +589,7 @@ class MixedUpdateMatrix(UpdateMatrix):
         extended.num_rows = rows + k
         extended._source_gram = None
         extended._gram = None
+        extended._classify()
         return extended
 
     def subset(self, rows: Sequence[int]) -> MixedUpdateMatrix:
@@ -444,6 +614,13 @@ class MixedUpdateMatrix(UpdateMatrix):
         import torch  # same GEMM backend as the Gram matrices (no thread-pool ping-pong)
 
         selected = self.mixing if rows is None else self.mixing[[int(r) for r in rows]]
+        if self._diagonal:  # clipping: scale the source rows
+            indices = list(range(self.num_rows)) if rows is None else [int(r) for r in rows]
+            factors = np.diag(self.mixing)[indices].astype(np.float32)[:, None]
+            for start, stop, block in self.source.blocks(indices):
+                block *= factors
+                yield start, stop, block
+            return
         mixing32 = torch.from_numpy(np.ascontiguousarray(selected, dtype=np.float32))
         buffer: np.ndarray | None = None
         for start, stop, block in self.source.blocks():
@@ -456,23 +633,27 @@ class MixedUpdateMatrix(UpdateMatrix):
             torch.matmul(mixing32, torch.from_numpy(block), out=torch.from_numpy(out))
             yield start, stop, out
 
+    def exact_block(
+        self, start: int, stop: int, rows: Sequence[int] | None = None
+    ) -> np.ndarray:
+        selected = self.mixing if rows is None else self.mixing[[int(r) for r in rows]]
+        return selected @ self.source.exact_block(start, stop)
+
     def anchored_gram(self) -> AnchoredGram:
-        """The mixed rows' anchored Gram matrix, from the source's (computed at most once)."""
+        """The mixed rows' anchored Gram matrix (computed at most once): from the source's
+        for convex mixings, else by a pass over the mixed blocks."""
         if self._gram is None:
-            if self._source_gram is None:
-                self._source_gram = self.source.anchored_gram()
-            self._gram = self._source_gram.mixed(self.mixing)
+            if not self._convex:
+                self._gram = self._anchored(with_anchor=True)
+            else:
+                if self._source_gram is None:
+                    self._source_gram = self.source.anchored_gram()
+                self._gram = self._source_gram.mixed(self.mixing)
         return self._gram
 
-    def gram(self, rows: Sequence[int] | None = None, *, centered: bool = True) -> np.ndarray:
+    def gram(self, *, centered: bool = True) -> np.ndarray:
         gram = self.anchored_gram()
-        if centered:
-            return gram.translated(rows)
-        full = gram.uncentered()
-        if rows is None:
-            return full
-        index = np.asarray(rows, dtype=np.int64)
-        return full[np.ix_(index, index)]
+        return gram.centered if centered else gram.uncentered()
 
     def squared_norms(self, rows: Sequence[int] | None = None) -> np.ndarray:
         norms = self.anchored_gram().squared_norms()

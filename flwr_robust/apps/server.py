@@ -207,6 +207,8 @@ def integrity_hooks(keys_dir: Path, run_id: int) -> list[StrategyHook]:
     """Signature verification of updates (first, so later hooks see only authentic replies)
     and signing of the global model, with the keys of ``flwr-robust keys init``."""
     layout = KeyDir(keys_dir)
+    for warning in layout.permission_warnings():
+        logger.warning("keys: %s", warning)
     store = TrustStore.load(layout.truststore)
     logger.info("signing on: %d trusted client keys in %s", len(store), layout.truststore)
     return [
@@ -235,8 +237,12 @@ class Operations:
     def from_settings(cls, settings: RunSettings, run_config: Mapping[str, Any]) -> Operations:
         """Build what ``settings`` asks for; resume from the latest checkpoint if asked."""
         ops = cls()
+        server_key = None  # with signing, checkpoints are signed and verified with it
+        if settings.signing and settings.checkpoint_dir:
+            server_key = load_private_key(KeyDir(settings.keys_dir).server_key)
         if settings.resume:
-            state = resume_state(settings.checkpoint_dir)
+            verify_key = None if server_key is None else server_key.public_key()
+            state = resume_state(settings.checkpoint_dir, verify_key)
             if state is None:
                 logger.warning("resume: no checkpoint in %s, starting fresh", settings.checkpoint_dir)
             else:
@@ -266,7 +272,11 @@ class Operations:
         if settings.checkpoint_dir:
             rollback_listeners = [h.record_rollback for h in (ops.audit, ops.metrics) if h]
             checkpoints = CheckpointHook(
-                CheckpointStore(settings.checkpoint_dir, settings.checkpoint_keep or None),
+                CheckpointStore(
+                    settings.checkpoint_dir,
+                    settings.checkpoint_keep or None,
+                    signing_key=server_key,
+                ),
                 max_accuracy_drop=settings.rollback_max_accuracy_drop,
                 round_offset=ops.round_offset,
                 on_rollback=rollback_listeners,

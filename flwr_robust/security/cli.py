@@ -1,8 +1,9 @@
 """``flwr-robust keys``: create keys and manage the server's trust store.
 
 Actions: ``init`` (server key pair, N client key pairs, trust store), ``add`` (register a
-public key or generate a new client key), ``revoke`` and ``show``. The directory layout is
-described in :mod:`flwr_robust.security.keydir`.
+public key or generate a new client key), ``revoke`` (by exact name or full key id) and
+``show``. The directory layout is described in :mod:`flwr_robust.security.keydir`; every
+action warns on stderr about group- or world-writable parts of it.
 """
 
 import argparse
@@ -60,7 +61,11 @@ def add_parser(
 
     revoke = actions.add_parser("revoke", help="revoke a client key")
     revoke.add_argument("dir", metavar="DIR", help="keys directory")
-    revoke.add_argument("key", metavar="KEY_ID_OR_NAME", help="key id, id prefix, or name")
+    revoke.add_argument(
+        "key",
+        metavar="KEY_ID_OR_NAME",
+        help="the full key id (32 hex digits) or the exact name; prefixes are not accepted",
+    )
     revoke.set_defaults(handler=_revoke)
 
     show = actions.add_parser("show", help="list the server key and the trust store")
@@ -91,7 +96,7 @@ def _init(args: argparse.Namespace) -> int:
             f"refusing to overwrite {len(existing)} existing file(s), e.g. {existing[0]} "
             "(use --force)"
         )
-    layout.clients.mkdir(parents=True, exist_ok=True)
+    _make_dirs(layout)
     server = generate_private_key(args.algorithm)
     save_private_key(server, layout.server_key)
     save_public_key(server, layout.server_pub)
@@ -104,10 +109,23 @@ def _init(args: argparse.Namespace) -> int:
     store.save(layout.truststore)
     print(f"server key {key_id(server)} ({args.algorithm}): {layout.server_key}")
     print(f"{len(names)} client key(s) in {layout.clients}, trust store {layout.truststore}")
+    _warn_permissions(layout)
     return 0
 
 
+def _make_dirs(layout: KeyDir) -> None:
+    """Create the directory and ``clients/`` if missing, never group- or world-writable."""
+    layout.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+    layout.clients.mkdir(mode=0o755, exist_ok=True)
+
+
+def _warn_permissions(layout: KeyDir) -> None:
+    for message in layout.permission_warnings():
+        print(f"flwr-robust: warning: {message}", file=sys.stderr)
+
+
 def _load_store(layout: KeyDir) -> TrustStore:
+    _warn_permissions(layout)
     if not layout.truststore.exists():
         raise ValueError(
             f"no trust store at {layout.truststore} (run 'flwr-robust keys init' first)"
@@ -119,7 +137,15 @@ def _add(args: argparse.Namespace) -> int:
     layout = KeyDir(args.dir)
     store = _load_store(layout)
     if args.public_key is not None:
-        entry = store.add(load_public_key(args.public_key), args.name)
+        public_key = load_public_key(args.public_key)
+        if layout.server_pub.exists() and key_id(public_key) == key_id(
+            load_public_key(layout.server_pub)
+        ):
+            raise ValueError(
+                f"refusing to add {args.public_key}: it is the server's public key "
+                f"{key_id(public_key)} ({layout.server_pub}); each client needs its own key"
+            )
+        entry = store.add(public_key, args.name)
     else:
         if args.name is not None:
             raise ValueError("--name goes with --public-key; --generate takes the name itself")
@@ -129,7 +155,7 @@ def _add(args: argparse.Namespace) -> int:
             raise ValueError(f"refusing to overwrite existing key file {paths[0]}")
         private = generate_private_key(args.algorithm)
         entry = store.add(private.public_key(), name)
-        layout.clients.mkdir(parents=True, exist_ok=True)
+        _make_dirs(layout)
         save_private_key(private, paths[0])
         save_public_key(private, paths[1])
     store.save()

@@ -1,22 +1,23 @@
 """Canonical SHA-256 digest of named arrays (framework-free).
 
-Specification, version 1. All integers are unsigned big-endian; ``u32`` is 4 bytes, ``u64``
+Specification, version 2. All integers are unsigned big-endian; ``u32`` is 4 bytes, ``u64``
 8 bytes. The digest is SHA-256 over::
 
-    DOMAIN_TAG                       b"flwr-robust/arrays-digest/v1\\x00"
+    DOMAIN_TAG                       b"flwr-robust/arrays-digest/v2\\x00"
     u64 count                        number of arrays
-    for each array, names in ascending order of their UTF-8 bytes:
+    for each array, in the order of the mapping (names unique):
         u32 len(name) || name        UTF-8
         u32 len(dtype) || dtype      ASCII little-endian numpy dtype string, e.g. "<f4", "|u1"
         u32 ndim || u64 dim * ndim   the shape
         u64 nbytes || payload        the raw bytes in C order
 
-Two inputs have the same digest only if they hold the same names, dtypes (up to byte order),
-shapes and bytes. A big-endian array hashes like its little-endian equal (same values), and a
-non-contiguous array like its C-contiguous copy. Object and structured dtypes are refused.
-
-A Python ``str`` sorts by code point, which is also the order of its UTF-8 bytes, so sorting
-names with :func:`sorted` gives the specified order.
+Two inputs have the same digest only if they hold the same names *in the same order*, with
+the same dtypes (up to byte order), shapes and bytes. The order is bound because Flower's
+legacy API turns a record into a list of layers by its order: a record whose entries were
+reordered under unchanged names would otherwise verify and be trained on with its layers
+swapped (version 1 sorted the names and had exactly that hole). A big-endian array hashes
+like its little-endian equal (same values), and a non-contiguous array like its
+C-contiguous copy. Object and structured dtypes are refused.
 
 Speed: C-contiguous little-endian arrays (the normal case) are fed to ``hashlib`` as a zero-copy
 byte view; only big-endian or non-contiguous arrays are converted (one copy each).
@@ -25,26 +26,16 @@ byte view; only big-endian or non-contiguous arrays are converted (one copy each
 import hashlib
 import math
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from flwr_robust.security.errors import DigestError
 
-DOMAIN_TAG = b"flwr-robust/arrays-digest/v1\x00"
+DOMAIN_TAG = b"flwr-robust/arrays-digest/v2\x00"
 DIGEST_SIZE = 32
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
-
-
-def sorted_names(names: Iterable[object]) -> list[str]:
-    """Return the array names in digest order; raise :class:`DigestError` for non-str names."""
-    checked: list[str] = []
-    for name in names:
-        if not isinstance(name, str):
-            raise DigestError(f"array names must be str, got {type(name).__name__}")
-        checked.append(name)
-    return sorted(checked)
 
 
 def check_dtype(dtype: np.dtype) -> np.dtype:
@@ -66,7 +57,7 @@ def canonical_array(array: np.ndarray) -> np.ndarray:
 
 
 class ArraysHasher:
-    """Incremental digest: announce the count, add arrays in name order, then :meth:`digest`.
+    """Incremental digest: announce the count, add the arrays in order, then :meth:`digest`.
 
     Both the numpy path (:func:`digest_arrays`) and the Flower path
     (:func:`flwr_robust.security.flower.arrayrecord_digest`) build on it, so they agree.
@@ -75,7 +66,7 @@ class ArraysHasher:
     def __init__(self, count: int) -> None:
         self._hash = hashlib.sha256(DOMAIN_TAG + _U64.pack(count))
         self._remaining = count
-        self._last: str | None = None
+        self._names: set[str] = set()
 
     def add_raw(
         self, name: str, dtype: np.dtype, shape: tuple[int, ...], payload: memoryview | np.ndarray
@@ -83,8 +74,10 @@ class ArraysHasher:
         """Add one array given as little-endian C-order ``payload`` bytes (not copied)."""
         if self._remaining == 0:
             raise DigestError("more arrays added than announced")
-        if self._last is not None and name <= self._last:
-            raise DigestError(f"array {name!r} added out of order (after {self._last!r})")
+        if not isinstance(name, str):
+            raise DigestError(f"array names must be str, got {type(name).__name__}")
+        if name in self._names:
+            raise DigestError(f"array {name!r} added twice")
         dtype_str = check_dtype(dtype).str
         if dtype_str[0] == ">":
             raise DigestError(f"array {name!r}: payload must be little-endian, got {dtype_str}")
@@ -114,7 +107,7 @@ class ArraysHasher:
         self._hash.update(header)
         self._hash.update(view)
         self._remaining -= 1
-        self._last = name
+        self._names.add(name)
 
     def add_array(self, name: str, array: np.ndarray) -> None:
         """Add one numpy array (zero-copy when C-contiguous and little-endian)."""
@@ -131,10 +124,10 @@ class ArraysHasher:
 
 
 def digest_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
-    """Digest a mapping of name -> array (independent of the mapping's order)."""
+    """Digest a mapping of name -> array, in the mapping's order."""
     hasher = ArraysHasher(len(arrays))
-    for name in sorted_names(arrays):
-        hasher.add_array(name, arrays[name])
+    for name, array in arrays.items():
+        hasher.add_array(name, array)
     return hasher.digest()
 
 

@@ -5,10 +5,8 @@ arrays, without converting them to numpy: :func:`flwr_robust.records.arrayrecord
 each ``.npy`` header and gives zero-copy views of ``Array.data``, which are hashed in place. The result equals :func:`~.digest.digest_arrays` of the same
 arrays, and ``ArrayRecord(list_of_ndarrays)`` digests like :func:`~.digest.digest_ndarrays`.
 
-The digest covers the mapping name -> array, not the record's insertion order. Code that turns
-a verified record into a list of layers must therefore order them by name (e.g. by the keys of
-the model or of the global record it sent), never by the record's own iteration order, or an
-attacker could swap two layers of the same shape without breaking the signature.
+The digest covers the record's names, their order and every array, so a record whose entries
+were reordered (which Flower's legacy API would turn into swapped layers) no longer verifies.
 """
 
 from flwr.app import ArrayRecord

@@ -11,9 +11,13 @@
 
 In deployment, copy to each machine only what it needs (server: ``server.key`` and
 ``truststore.json``; client *i*: ``server.pub`` and ``clients/client-i.key``).
+
+Whoever can write the directory or one of these files can swap a key or add one to the trust
+store: :meth:`KeyDir.permission_warnings` names those that are group- or world-writable.
 """
 
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,3 +70,24 @@ class KeyDir:
     def client_pub(self, name: str) -> Path:
         """The public key of client ``name``."""
         return self.clients / f"{check_client_name(name)}.pub"
+
+    def permission_warnings(self) -> list[str]:
+        """One message per existing directory or file of this layout (the directory,
+        ``clients/``, the server key pair, the trust store and the client key pairs) that is
+        group- or world-writable."""
+        paths = [self.root, self.clients, self.server_key, self.server_pub, self.truststore]
+        if self.clients.is_dir():
+            paths += sorted(self.clients.glob("*.key")) + sorted(self.clients.glob("*.pub"))
+        warnings = []
+        for path in paths:
+            try:
+                mode = stat.S_IMODE(path.stat().st_mode)
+            except OSError:  # absent (or unreachable): nothing to protect here
+                continue
+            if mode & 0o022:
+                who = {0o020: "its group", 0o002: "all users"}.get(mode & 0o022, "everyone")
+                warnings.append(
+                    f"{path} is writable by {who} (mode {mode:04o}), who could replace keys or "
+                    f"trust entries; run 'chmod go-w {path}'"
+                )
+        return warnings

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 
-from flwr_robust.security.digest import DIGEST_SIZE
+from flwr_robust.security.digest import DIGEST_SIZE, digest_arrays
 from flwr_robust.security.errors import MalformedSignatureError
 from flwr_robust.security.keys import (
     ALGORITHMS,
@@ -125,14 +125,44 @@ def encode_map(values: Mapping[str, object]) -> bytes:
     return b"".join(out)
 
 
+#: The arrays digest of a reply without arrays (evaluation replies).
+NO_ARRAYS_DIGEST = digest_arrays({})
+
+#: Key prefix of a legacy reply's own metrics in its signed content map.
+LEGACY_METRIC_PREFIX = "metric:"
+
+
+def legacy_reply_content(
+    num_examples: object, metrics: Mapping[str, object], loss: object | None = None
+) -> dict[str, object]:
+    """The map a legacy-API reply's signature covers (``FitRes`` / ``EvaluateRes``).
+
+    Legacy replies carry the example count (and, for evaluation, the loss) apart from the
+    metrics, so both sides build one map from them: ``num-examples`` (and ``loss``) under
+    their own keys and every metric under ``metric:<key>``. The map is injective: a metric
+    named ``num-examples`` cannot stand in for the real count, as it could in
+    ``{"num-examples": count, **metrics}`` (a man in the middle changed the count while that
+    key kept the signature valid). ``frs-*`` keys (the signature itself) are left out.
+    """
+    content: dict[str, object] = {
+        f"{LEGACY_METRIC_PREFIX}{key}": value
+        for key, value in metrics.items()
+        if not str(key).startswith(PREFIX)
+    }
+    content["num-examples"] = num_examples
+    if loss is not None:
+        content["loss"] = loss
+    return content
+
+
 def signature_fields(values: Mapping[str, object]) -> dict[str, object]:
     """Return the ``frs-*`` entries of ``values`` (the signature bundle fields)."""
-    return {k: v for k, v in values.items() if k.startswith(PREFIX)}
+    return {k: v for k, v in values.items() if str(k).startswith(PREFIX)}
 
 
 def strip_signature(values: Mapping[str, object]) -> dict[str, object]:
     """Return ``values`` without its ``frs-*`` entries (the signed content)."""
-    return {k: v for k, v in values.items() if not k.startswith(PREFIX)}
+    return {k: v for k, v in values.items() if not str(k).startswith(PREFIX)}
 
 
 def _check_uint(name: str, value: object) -> int:

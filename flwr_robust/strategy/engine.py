@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +18,10 @@ import numpy as np
 
 from ..aggregation import Aggregator
 from ..validation import (
+    AGGREGATION_FAILED,
     DEFAULT_MAX_NUM_EXAMPLES,
     check_arrays,
+    check_metrics,
     check_num_examples,
     reason,
     reason_code,
@@ -33,7 +35,7 @@ NamedArrays = dict[str, np.ndarray]
 
 @dataclass
 class ClientReply:
-    """One client's training reply, independent of the Flower API it came through.
+    """One client's reply, independent of the Flower API it came through.
 
     Attributes
     ----------
@@ -44,28 +46,41 @@ class ClientReply:
     num_examples : Any
         The claimed example count, unvalidated.
     metrics : Mapping[str, Any]
-        The reply's metrics.
-    extras : Mapping[str, Any]
-        Other entries of the reply that hooks may read (e.g. signature fields).
+        The reply's metrics (legacy replies: ``num-examples`` holds ``FitRes.num_examples``).
+    signature : Mapping[str, Any] or None
+        The signature fields (``frs-*``) the reply carried where its wire format puts them.
+    signed : Mapping[str, Any] or None
+        The content map a signature of this reply covers, when it differs from ``metrics``
+        (legacy replies: see :func:`flwr_robust.security.signing.legacy_reply_content`).
     error : str or None
         A rejection reason already known when the reply was read (error reply, malformed
-        bytes).
+        bytes or records).
     identity : str
         Stable identity used by stateful rules; the node id unless a hook (e.g. signature
         verification) sets a better one such as the signer's key id.
+    source : int or None
+        Position of the Flower reply it was read from: wrappers forward exactly the replies
+        that passed, never others that share a node id.
     """
 
     node_id: int
     arrays: NamedArrays | None = None
     num_examples: Any = None
     metrics: Mapping[str, Any] = field(default_factory=dict)
-    extras: Mapping[str, Any] = field(default_factory=dict)
+    signature: Mapping[str, Any] | None = None
+    signed: Mapping[str, Any] | None = None
     error: str | None = None
     identity: str = ""
+    source: int | None = None
 
     def __post_init__(self) -> None:
         if not self.identity:
             self.identity = f"node-{self.node_id}"
+
+    @property
+    def signed_content(self) -> Mapping[str, Any]:
+        """The map a signature of this reply covers."""
+        return self.metrics if self.signed is None else self.signed
 
 
 @dataclass
@@ -83,6 +98,8 @@ class RoundReport:
     note: str = ""
     seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    #: ``"aggregation-failed: ..."`` when the rule raised or its model was not finite.
+    failure: str = ""
 
     def rejection_counts(self) -> dict[str, int]:
         """Number of rejected replies per reason code."""
@@ -96,6 +113,7 @@ class RoundReport:
             "robust-kept": len(self.kept),
             "robust-rejected": len(self.rejected),
             "robust-aggregated": int(self.aggregated),
+            "robust-aggregation-failed": int(bool(self.failure)),
             **counts,
         }
 
@@ -107,6 +125,7 @@ class RoundReport:
             "num_replies": self.num_replies,
             "aggregated": self.aggregated,
             "note": self.note,
+            "failure": self.failure,
             "kept": self.kept,
             "rejected": {str(k): v for k, v in self.rejected.items()},
             "rejection_counts": self.rejection_counts(),
@@ -121,6 +140,13 @@ class HookPipeline:
     """Reply validation and strategy hooks around any aggregation: what both the robust
     strategies and :mod:`~flwr_robust.strategy.wrappers` (hooks around another strategy)
     share.
+
+    Guarantees, for any reply content: no exception escapes :meth:`screen`,
+    :meth:`screen_evaluation` or :meth:`RobustAggregation.aggregate` (a hook that raises
+    rejects every reply still in the pipeline, ``hook-failed``); every node id that replied
+    more than once has all its replies rejected (``duplicate-reply``: no copy can displace
+    the genuine one); replies from nodes the round did not sample are rejected
+    (``unsampled-node``).
 
     Parameters
     ----------
@@ -137,6 +163,8 @@ class HookPipeline:
         self.hooks = list(hooks)
         self.max_num_examples = int(max_num_examples)
         self.reports: list[RoundReport] = []
+        #: One report per evaluation round that received replies.
+        self.evaluation_reports: list[RoundReport] = []
         #: Added to Flower's round numbers in logs (a resumed run continues the count).
         self.round_offset = 0
 
@@ -152,18 +180,32 @@ class HookPipeline:
                 return override
         return None
 
-    def instruction_extras(
+    def instruction_config(
         self,
         server_round: int,
         purpose: str,
         global_arrays: NamedArrays,
         config: Mapping[str, Any],
+        normalise: Callable[[dict[str, Any]], dict[str, Any]] = dict,
     ) -> dict[str, Any]:
-        """Entries the hooks add to an outgoing train/evaluate instruction's ``config``."""
-        extras: dict[str, Any] = {}
+        """The final config of an outgoing train/evaluate instruction.
+
+        Every hook's :meth:`~StrategyHook.on_instruction` entries are added in hook order
+        (each hook sees the entries of the hooks before it); ``normalise`` then gives the
+        config exactly as the clients will read it (e.g. through a Flower ConfigRecord);
+        last, every hook's :meth:`~StrategyHook.seal_instruction` (e.g. the server's
+        signature) sees that final config and adds its entries. So a signature always
+        covers the config that is sent, whatever the hooks' order.
+        """
+        final = dict(config)
         for hook in self.hooks:
-            extras.update(hook.on_instruction(server_round, purpose, global_arrays, config))
-        return extras
+            final.update(hook.on_instruction(server_round, purpose, global_arrays, dict(final)))
+        final = normalise(final)
+        for hook in self.hooks:
+            final.update(
+                hook.seal_instruction(server_round, purpose, global_arrays, dict(final))
+            )
+        return final
 
     def report_for(self, server_round: int) -> RoundReport | None:
         """The report of ``server_round`` (the latest one if the round ran twice)."""
@@ -173,48 +215,145 @@ class HookPipeline:
         return None
 
     def screen(
-        self, global_arrays: NamedArrays, replies: Sequence[ClientReply], report: RoundReport
+        self,
+        global_arrays: NamedArrays,
+        replies: Sequence[ClientReply],
+        report: RoundReport,
+        sampled: Collection[int] | None = None,
     ) -> list[ClientReply]:
-        """The replies that pass validation and every hook; the others go to
-        ``report.rejected`` with their reasons."""
-        valid = self._validate(global_arrays, replies, report)
-        for hook in self.hooks:
-            rejected = hook.on_replies(report.server_round, global_arrays, valid)
-            report.rejected.update(rejected)
-            valid = [r for r in valid if r.node_id not in rejected]
+        """The training replies that pass validation and every hook; the others go to
+        ``report.rejected`` with their reasons. ``sampled`` (when known) is the set of node
+        ids the round's instructions went to."""
+        valid = [
+            reply for reply in self._common_checks(replies, report, sampled)
+            if not self._reject(report, reply, self._training_problem(global_arrays, reply))
+        ]
+        valid = self._run_hooks(
+            "on_replies", report, valid,
+            lambda hook, current: hook.on_replies(report.server_round, global_arrays, current),
+        )
         report.identities = {r.node_id: r.identity for r in replies}
         return valid
 
+    def screen_evaluation(
+        self,
+        server_round: int,
+        global_arrays: NamedArrays | None,
+        replies: Sequence[ClientReply],
+        sampled: Collection[int] | None = None,
+        rule: str = "evaluation",
+    ) -> tuple[list[ClientReply], RoundReport]:
+        """The evaluation replies that pass validation and every hook's
+        :meth:`~StrategyHook.on_evaluation_replies`, and the round's evaluation report
+        (rejections logged and recorded in :attr:`evaluation_reports`)."""
+        report = RoundReport(server_round, rule, num_replies=len(replies))
+        valid = [
+            reply for reply in self._common_checks(replies, report, sampled)
+            if not self._reject(report, reply, self._evaluation_problem(reply))
+        ]
+        if global_arrays is not None:
+            valid = self._run_hooks(
+                "on_evaluation_replies", report, valid,
+                lambda hook, current: hook.on_evaluation_replies(
+                    server_round, global_arrays, current
+                ),
+            )
+        report.kept = sorted(r.node_id for r in valid)
+        report.identities = {r.node_id: r.identity for r in replies}
+        if replies:
+            self.evaluation_reports.append(report)
+        rnd = server_round + self.round_offset
+        for node_id, text in sorted(report.rejected.items()):
+            logger.info("round %d: ignored evaluation reply of node %d: %s", rnd, node_id, text)
+        return valid, report
+
     def finish(self, report: RoundReport, new_arrays: NamedArrays | None, started: float) -> None:
-        """Record, log and hand the round's outcome to the hooks."""
+        """Record, log and hand the round's outcome to the hooks (a hook that raises is
+        logged; the round is complete either way)."""
         report.seconds = time.perf_counter() - started
         self.reports.append(report)
         self._log(report)
         for hook in self.hooks:
-            hook.on_round_end(report, new_arrays)
+            try:
+                hook.on_round_end(report, new_arrays)
+            except Exception:
+                logger.exception(
+                    "round %d: %s.on_round_end failed", report.server_round, type(hook).__name__
+                )
 
-    def _validate(
-        self, global_arrays: NamedArrays, replies: Sequence[ClientReply], report: RoundReport
+    # ------------------------------------------------------------------ checks
+    def _common_checks(
+        self,
+        replies: Sequence[ClientReply],
+        report: RoundReport,
+        sampled: Collection[int] | None,
     ) -> list[ClientReply]:
-        valid = []
-        seen: set[int] = set()
+        """Replies that are single copies from sampled nodes; the others are rejected."""
+        copies = Counter(reply.node_id for reply in replies)
+        passed = []
         for reply in replies:
-            if reply.node_id in seen:
-                problem = reason("duplicate-reply", "a second reply from this node this round")
-                report.rejected.setdefault(reply.node_id, problem)
-                continue
-            seen.add(reply.node_id)
-            problem = reply.error
-            if problem is None and reply.arrays is None:
-                problem = reason("missing-arrays", "reply carries no model arrays")
-            if problem is None:
-                problem = check_arrays(reply.arrays, global_arrays)  # type: ignore[arg-type]
-            if problem is None:
-                problem = check_num_examples(reply.num_examples, self.max_num_examples)
-            if problem is None:
-                valid.append(reply)
+            if copies[reply.node_id] > 1:
+                report.rejected[reply.node_id] = reason(
+                    "duplicate-reply",
+                    f"{copies[reply.node_id]} replies from this node this round: every copy "
+                    "is rejected",
+                )
+            elif sampled is not None and reply.node_id not in sampled:
+                report.rejected[reply.node_id] = reason(
+                    "unsampled-node", "this round's instructions did not go to this node"
+                )
             else:
-                report.rejected[reply.node_id] = problem
+                passed.append(reply)
+        return passed
+
+    @staticmethod
+    def _reject(report: RoundReport, reply: ClientReply, problem: str | None) -> bool:
+        if problem is not None:
+            report.rejected[reply.node_id] = problem
+        return problem is not None
+
+    def _training_problem(self, global_arrays: NamedArrays, reply: ClientReply) -> str | None:
+        if reply.error is not None:
+            return reply.error
+        if reply.arrays is None:
+            return reason("missing-arrays", "reply carries no model arrays")
+        return check_arrays(reply.arrays, global_arrays) or check_num_examples(
+            reply.num_examples, self.max_num_examples
+        )
+
+    def _evaluation_problem(self, reply: ClientReply) -> str | None:
+        if reply.error is not None:
+            return reply.error
+        return check_metrics(reply.metrics) or check_num_examples(
+            reply.num_examples, self.max_num_examples
+        )
+
+    def _run_hooks(
+        self,
+        method: str,
+        report: RoundReport,
+        valid: list[ClientReply],
+        call: Callable[[StrategyHook, list[ClientReply]], Mapping[int, str]],
+    ) -> list[ClientReply]:
+        """Apply each hook's rejections in order; a hook that raises rejects every reply
+        still in the pipeline (fail closed)."""
+        for hook in self.hooks:
+            if not valid:
+                break
+            try:
+                rejected = dict(call(hook, valid))
+            except Exception as exc:
+                logger.exception(
+                    "round %d: %s.%s failed; rejecting the round's remaining replies",
+                    report.server_round, type(hook).__name__, method,
+                )
+                problem = reason(
+                    "hook-failed", f"{type(hook).__name__} raised {type(exc).__name__}: {exc}"
+                )
+                rejected = {reply.node_id: problem for reply in valid}
+            known = {reply.node_id for reply in valid}
+            report.rejected.update({k: str(v) for k, v in rejected.items() if k in known})
+            valid = [r for r in valid if r.node_id not in rejected]
         return valid
 
     def _log(self, report: RoundReport) -> None:
@@ -229,13 +368,17 @@ class HookPipeline:
                 report.kept,
             )
         else:
-            logger.warning("round %d: %s", rnd, report.note)
+            logger.warning("round %d: %s", rnd, report.failure or report.note)
         for node_id, text in sorted(report.rejected.items()):
             logger.info("round %d: rejected node %d: %s", rnd, node_id, text)
 
 
 class RobustAggregation(HookPipeline):
     """Validation, hooks and a robust rule applied to one round's replies.
+
+    Belt and braces: when the rule raises, or the model it gives is not finite, the round
+    keeps the global model and its report says why (``failure``, code
+    ``aggregation-failed``).
 
     Parameters
     ----------
@@ -255,12 +398,16 @@ class RobustAggregation(HookPipeline):
         self.aggregator = aggregator
 
     def aggregate(
-        self, server_round: int, global_arrays: NamedArrays, replies: Sequence[ClientReply]
+        self,
+        server_round: int,
+        global_arrays: NamedArrays,
+        replies: Sequence[ClientReply],
+        sampled: Collection[int] | None = None,
     ) -> tuple[NamedArrays | None, RoundReport]:
         """New global model (or ``None`` to keep the current one) and the round's report."""
         started = time.perf_counter()
         report = RoundReport(server_round, self.aggregator.name, num_replies=len(replies))
-        valid = self.screen(global_arrays, replies, report)
+        valid = self.screen(global_arrays, replies, report, sampled)
         new_arrays = None
         needed = self.aggregator.min_clients()
         if len(valid) < needed:
@@ -269,7 +416,23 @@ class RobustAggregation(HookPipeline):
                 f"{self.aggregator!r} needs at least {needed}"
             )
         else:
-            new_arrays = self._apply_rule(global_arrays, valid, report)
+            try:
+                new_arrays = self._apply_rule(global_arrays, valid, report)
+            except Exception as exc:
+                logger.debug("aggregation failed", exc_info=True)
+                report.failure = reason(
+                    AGGREGATION_FAILED,
+                    f"{self.aggregator.name} raised {type(exc).__name__}: {exc}; kept the "
+                    "global model",
+                )
+            if new_arrays is not None and not all_finite(new_arrays):
+                report.failure = reason(
+                    AGGREGATION_FAILED,
+                    f"{self.aggregator.name} gave a non-finite model; kept the global model",
+                )
+                new_arrays = None
+            if new_arrays is None:
+                report.aggregated, report.kept, report.scores = False, [], {}
         self.finish(report, new_arrays, started)
         return new_arrays, report
 
@@ -284,14 +447,26 @@ class RobustAggregation(HookPipeline):
             client_ids=[reply.identity for reply in valid],
             base=base,
         )
+        with np.errstate(over="ignore", invalid="ignore"):
+            new_arrays = {
+                name: (base_layer + delta).astype(base_layer.dtype, copy=False)
+                for name, base_layer, delta in zip(names, base, result.update, strict=True)
+            }
         report.aggregated = True
         report.kept = sorted(valid[i].node_id for i in result.kept)
         for index, text in result.rejected.items():
-            report.rejected[valid[index].node_id] = reason("excluded-by-rule", f"{self.aggregator.name}: {text}")
+            report.rejected[valid[index].node_id] = reason(
+                "excluded-by-rule", f"{self.aggregator.name}: {text}"
+            )
         if result.scores is not None:
             report.scores = {valid[i].node_id: float(s) for i, s in enumerate(result.scores)}
         report.info = dict(result.info)
-        return {
-            name: (base_layer + delta).astype(base_layer.dtype, copy=False)
-            for name, base_layer, delta in zip(names, base, result.update, strict=True)
-        }
+        return new_arrays
+
+
+def all_finite(arrays: Mapping[str, np.ndarray]) -> bool:
+    """Whether every float value of ``arrays`` is finite."""
+    for array in arrays.values():
+        if array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
+            return False
+    return True

@@ -1,8 +1,9 @@
 """Strategy hooks: behaviour a user can stack on any flwr-robust strategy of either API.
 
 A hook may replace the global model before a training round (e.g. a rollback), sees every
-outgoing train/evaluate instruction (and may add entries to its config, e.g. a signature),
-every round's replies before aggregation (and may reject some with a
+outgoing train/evaluate instruction (and may add entries to its config, or seal the final
+config, e.g. with a signature), every round's training and evaluation replies (and may
+reject some with a
 reason, or set a reply's stable identity), and every round's outcome (telemetry, audit).
 Hooks never see Flower objects: the strategies hand them plain arrays and
 :class:`~flwr_robust.strategy.engine.ClientReply` objects, so one hook serves both APIs.
@@ -35,8 +36,20 @@ class StrategyHook:
         config: Mapping[str, Any],
     ) -> dict[str, Any]:
         """Entries to add to the ``config`` of the instruction sent for ``purpose``
-        (``"train"`` or ``"evaluate"``) carrying ``global_arrays``. ``config`` is exactly
-        what the clients will receive, apart from these entries."""
+        (``"train"`` or ``"evaluate"``) carrying ``global_arrays``. ``config`` holds the
+        strategy's config and the entries of the hooks before this one."""
+        return {}
+
+    def seal_instruction(
+        self,
+        server_round: int,
+        purpose: str,
+        global_arrays: dict[str, np.ndarray],
+        config: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """Entries computed on the *final* config of an instruction, after every hook's
+        :meth:`on_instruction` (e.g. a signature over it). ``config`` is exactly what the
+        clients will receive, apart from the sealing entries."""
         return {}
 
     def on_replies(
@@ -46,6 +59,16 @@ class StrategyHook:
         replies: Sequence[ClientReply],
     ) -> dict[int, str]:
         """Rejections ``{node_id: "<code>: <detail>"}`` among the valid training replies."""
+        return {}
+
+    def on_evaluation_replies(
+        self,
+        server_round: int,
+        global_arrays: dict[str, np.ndarray],
+        replies: Sequence[ClientReply],
+    ) -> dict[int, str]:
+        """Rejections among the valid evaluation replies to the model ``global_arrays``
+        sent for evaluation in ``server_round`` (e.g. unsigned or forged metrics)."""
         return {}
 
     def on_round_end(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 from flwr.common import (
@@ -19,9 +18,8 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from ..validation import check_num_examples, reason
 from ._common import RobustStrategyMixin, rule_strategies
-from .rounds import LegacyRounds, node_id_of
+from .rounds import LegacyRounds
 
 logger = logging.getLogger("flwr_robust")
 
@@ -81,14 +79,16 @@ class RobustStrategy(RobustStrategyMixin, FedAvg):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Validate, filter and robustly aggregate the results of ``server_round``."""
-        global_arrays, replies, exceptions = self.rounds.take(server_round, results, failures)
+        global_arrays, replies, exceptions, sampled = self.rounds.take(
+            server_round, results, failures
+        )
         if failures and not self.accept_failures:
             logger.warning(
                 "round %d: %d failures and accept_failures=False: global model kept",
                 server_round, len(failures),
             )
             return None, {}
-        new_arrays, report = self.engine.aggregate(server_round, global_arrays, replies)
+        new_arrays, report = self.engine.aggregate(server_round, global_arrays, replies, sampled)
         report.info["exceptions"] = exceptions
         parameters = None
         if new_arrays is not None:
@@ -97,8 +97,8 @@ class RobustStrategy(RobustStrategyMixin, FedAvg):
         kept = set(report.kept)
         if self.fit_metrics_aggregation_fn is not None:
             kept_metrics = [
-                (res.num_examples, res.metrics) for proxy, res in results
-                if node_id_of(proxy) in kept
+                (results[r.source][1].num_examples, results[r.source][1].metrics)
+                for r in replies if r.node_id in kept and r.source is not None
             ]
             metrics = _safe_call(self.fit_metrics_aggregation_fn, kept_metrics)
         metrics.update(report.metrics())
@@ -123,22 +123,15 @@ class RobustStrategy(RobustStrategyMixin, FedAvg):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        """FedAvg's weighted loss over the well-formed evaluation results only."""
-        valid = []
-        for proxy, res in results:
-            problem = check_num_examples(res.num_examples, self.engine.max_num_examples)
-            if problem is None and not math.isfinite(res.loss):
-                problem = reason("non-finite", f"loss {res.loss!r}")
-            if problem is None:
-                valid.append((proxy, res))
-            else:
-                logger.info(
-                    "round %d: ignored evaluation result of node %d: %s",
-                    server_round, node_id_of(proxy), problem,
-                )
+        """FedAvg's weighted loss over the evaluation results that pass validation and the
+        hooks (duplicates, unsampled nodes, non-finite losses and forged results are left
+        out, with the reason logged)."""
+        global_arrays, replies, sampled = self.rounds.take_evaluation(server_round, results)
+        valid, _ = self.engine.screen_evaluation(server_round, global_arrays, replies, sampled)
         if not valid:
             return None, {}
-        return super().aggregate_evaluate(server_round, valid, failures)
+        kept = [results[r.source] for r in valid if r.source is not None]
+        return super().aggregate_evaluate(server_round, kept, failures)
 
 
 def _safe_call(aggregate_fn: Any, metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,7 +11,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from ..validation import check_num_examples, reason
 from ._common import RobustStrategyMixin, rule_strategies
 from .rounds import MessageRounds
 
@@ -75,15 +73,20 @@ class RobustStrategy(RobustStrategyMixin, FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate, filter and robustly aggregate the replies of ``server_round``."""
-        global_arrays, messages, client_replies = self.rounds.take(
+        global_arrays, messages, client_replies, sampled = self.rounds.take(
             server_round, replies, self.weighted_by_key
         )
-        new_arrays, report = self.engine.aggregate(server_round, global_arrays, client_replies)
+        new_arrays, report = self.engine.aggregate(
+            server_round, global_arrays, client_replies, sampled
+        )
         arrays = None
         if new_arrays is not None:
             arrays = ArrayRecord({name: Array(np.asarray(a)) for name, a in new_arrays.items()})
         kept = set(report.kept)
-        kept_contents = [m.content for m in messages if m.metadata.src_node_id in kept]
+        kept_contents = [
+            messages[r.source].content for r in client_replies
+            if r.node_id in kept and r.source is not None
+        ]
         metrics = _safe_metrics(self.train_metrics_aggr_fn, kept_contents, self.weighted_by_key)
         metrics.update(report.metrics())
         return arrays, metrics
@@ -103,34 +106,21 @@ class RobustStrategy(RobustStrategyMixin, FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Weighted metrics over the well-formed evaluation replies; the others are
-        logged and skipped (an evaluation reply can be as hostile as a training one)."""
-        valid = []
-        for message in replies:
-            problem = self._evaluate_problem(message)
-            if problem is None:
-                valid.append(message.content)
-            else:
-                logger.info(
-                    "round %d: ignored evaluation reply of node %d: %s",
-                    server_round, message.metadata.src_node_id, problem,
-                )
+        """Weighted metrics over the evaluation replies that pass validation and the hooks
+        (an evaluation reply can be as hostile as a training one: duplicates, unsampled
+        nodes, non-finite or forged metrics are left out, with the reason logged)."""
+        global_arrays, messages, client_replies, sampled = self.rounds.take_evaluation(
+            server_round, replies, self.weighted_by_key
+        )
+        valid, report = self.engine.screen_evaluation(
+            server_round, global_arrays, client_replies, sampled
+        )
         if not valid:
             return None
-        return _safe_metrics(self.evaluate_metrics_aggr_fn, valid, self.weighted_by_key)
-
-    def _evaluate_problem(self, message: Message) -> str | None:
-        if message.has_error():
-            return reason("error-reply", message.error.reason)
-        records = message.content.metric_records
-        if len(records) != 1:
-            return reason("malformed-reply", f"{len(records)} MetricRecords, expected 1")
-        metrics = next(iter(records.values()))
-        for key, value in metrics.items():
-            values = value if isinstance(value, list) else [value]
-            if not all(math.isfinite(v) for v in values):
-                return reason("non-finite", f"metric {key!r} is not finite")
-        return check_num_examples(metrics.get(self.weighted_by_key), self.engine.max_num_examples)
+        contents = [messages[r.source].content for r in valid if r.source is not None]
+        metrics = _safe_metrics(self.evaluate_metrics_aggr_fn, contents, self.weighted_by_key)
+        metrics.update(report.metrics())
+        return metrics
 
 
 def _safe_metrics(

@@ -33,10 +33,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from ..records import arrayrecord_views, tensor_views
-from ..validation import DEFAULT_MAX_NUM_EXAMPLES
-from .engine import HookPipeline, RoundReport
+from ..validation import DEFAULT_MAX_NUM_EXAMPLES, reason
+from .engine import ClientReply, HookPipeline, RoundReport
 from .hooks import StrategyHook
-from .rounds import LegacyRounds, MessageRounds, node_id_of
+from .rounds import LegacyRounds, MessageRounds
 
 
 def with_hooks(
@@ -52,8 +52,25 @@ def with_hooks(
     raise TypeError(f"not a Flower strategy: {type(strategy).__name__}")
 
 
-class HookedStrategy(Strategy):
-    """A Message-API strategy with flwr-robust hooks around it (see :func:`with_hooks`)."""
+class _Forwarding:
+    """Attribute reads the wrapper does not define go to the wrapped strategy."""
+
+    strategy: Any
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "strategy":  # not yet set (during construction or unpickling)
+            raise AttributeError(name)
+        return getattr(self.strategy, name)
+
+
+class HookedStrategy(_Forwarding, Strategy):
+    """A Message-API strategy with flwr-robust hooks around it (see :func:`with_hooks`).
+
+    The wrapped strategy receives exactly the reply objects that passed validation and the
+    hooks (never another reply that shares a node id). Its own ``weighted_by_key`` is the
+    example count that replies are validated on. Attributes the wrapper does not define
+    (``fraction_train``, ...) are read from the wrapped strategy.
+    """
 
     def __init__(
         self,
@@ -69,6 +86,10 @@ class HookedStrategy(Strategy):
     def reports(self) -> list[RoundReport]:
         """One report per training round (replies rejected before the wrapped strategy)."""
         return self.pipeline.reports
+
+    @property
+    def _count_key(self) -> str:
+        return str(getattr(self.strategy, "weighted_by_key", "num-examples"))
 
     def summary(self) -> None:
         """The wrapped strategy's summary."""
@@ -86,17 +107,20 @@ class HookedStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         started = time.perf_counter()
-        global_arrays, messages, client_replies = self.rounds.take(
-            server_round, replies, "num-examples"
+        global_arrays, messages, client_replies, sampled = self.rounds.take(
+            server_round, replies, self._count_key
         )
         report = RoundReport(server_round, type(self.strategy).__name__, len(messages))
-        passed = {r.node_id for r in self.pipeline.screen(global_arrays, client_replies, report)}
+        passed = self.pipeline.screen(global_arrays, client_replies, report, sampled)
+        passed = _consistent(messages, passed, report)
         arrays, metrics = self.strategy.aggregate_train(
-            server_round, [m for m in messages if m.metadata.src_node_id in passed]
+            server_round, _forwarded(messages, passed)
         )
-        report.kept = sorted(passed)
+        report.kept = sorted(r.node_id for r in passed)
         report.aggregated = arrays is not None
         self.pipeline.finish(report, None if arrays is None else arrayrecord_views(arrays), started)
+        if not messages:  # an empty round: exactly what the wrapped strategy returns
+            return arrays, metrics
         metrics = MetricRecord() if metrics is None else metrics
         metrics.update(report.metrics())
         return arrays, metrics
@@ -112,10 +136,18 @@ class HookedStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
+        global_arrays, messages, client_replies, sampled = self.rounds.take_evaluation(
+            server_round, replies, self._count_key
+        )
+        valid, report = self.pipeline.screen_evaluation(
+            server_round, global_arrays, client_replies, sampled,
+            rule=type(self.strategy).__name__,
+        )
+        valid = _consistent(messages, valid, report)
+        return self.strategy.aggregate_evaluate(server_round, _forwarded(messages, valid))
 
 
-class HookedLegacyStrategy(LegacyStrategy):
+class HookedLegacyStrategy(_Forwarding, LegacyStrategy):
     """A legacy-API strategy with flwr-robust hooks around it (see :func:`with_hooks`)."""
 
     def __init__(
@@ -152,18 +184,20 @@ class HookedLegacyStrategy(LegacyStrategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         started = time.perf_counter()
-        global_arrays, replies, _ = self.rounds.take(server_round, results, failures)
+        global_arrays, replies, _, sampled = self.rounds.take(server_round, results, failures)
         report = RoundReport(server_round, type(self.strategy).__name__, len(replies))
-        passed = {r.node_id for r in self.pipeline.screen(global_arrays, replies, report)}
+        passed = self.pipeline.screen(global_arrays, replies, report, sampled)
         parameters, metrics = self.strategy.aggregate_fit(
-            server_round, [(p, r) for p, r in results if node_id_of(p) in passed], failures
+            server_round, _forwarded(results, passed), failures
         )
-        report.kept = sorted(passed)
+        report.kept = sorted(r.node_id for r in passed)
         report.aggregated = parameters is not None
         new = None
         if parameters is not None:
             new = dict(zip(global_arrays, tensor_views(parameters.tensors).values(), strict=True))
         self.pipeline.finish(report, new, started)
+        if not results and not failures:
+            return parameters, metrics
         return parameters, {**metrics, **report.metrics()}
 
     def configure_evaluate(
@@ -176,7 +210,53 @@ class HookedLegacyStrategy(LegacyStrategy):
         )
 
     def aggregate_evaluate(self, server_round: int, results: list, failures: list) -> Any:
-        return self.strategy.aggregate_evaluate(server_round, results, failures)
+        global_arrays, replies, sampled = self.rounds.take_evaluation(server_round, results)
+        valid, _ = self.pipeline.screen_evaluation(
+            server_round, global_arrays, replies, sampled, rule=type(self.strategy).__name__
+        )
+        return self.strategy.aggregate_evaluate(
+            server_round, _forwarded(results, valid), failures
+        )
 
     def evaluate(self, server_round: int, parameters: Parameters) -> Any:
         return self.strategy.evaluate(server_round, parameters)
+
+
+def _consistent(
+    messages: Sequence[Message], passed: list[ClientReply], report: RoundReport
+) -> list[ClientReply]:
+    """The replies of the round's largest group that share record names and metric keys.
+
+    Flower's Message-API strategies refuse (raise for) a round whose replies differ in the
+    names of their records or in the keys of their MetricRecords, so one client sending an
+    extra metric would void everybody's round. The other groups are rejected
+    (``inconsistent-reply``); between groups of equal size the one with the smallest
+    signature (record names, keys) wins, whoever sent it first.
+    """
+
+    def signature(reply: ClientReply) -> tuple[Any, ...]:
+        content = messages[reply.source].content  # type: ignore[index]
+        (metrics_name, metrics), = content.metric_records.items()
+        return (tuple(content.array_records), metrics_name, tuple(sorted(metrics)))
+
+    if len(passed) < 2:
+        return passed
+    groups: dict[tuple[Any, ...], list[ClientReply]] = {}
+    for reply in passed:
+        groups.setdefault(signature(reply), []).append(reply)
+    best = min(groups, key=lambda key: (-len(groups[key]), repr(key)))
+    for key, members in groups.items():
+        if key != best:
+            for reply in members:
+                report.rejected[reply.node_id] = reason(
+                    "inconsistent-reply",
+                    f"records/metric keys {key} differ from the round's {best} (Flower's "
+                    "strategies refuse rounds of mixed replies)",
+                )
+    return groups[best]
+
+
+def _forwarded(items: Sequence[Any], passed: Sequence[ClientReply]) -> list[Any]:
+    """The original replies (messages or legacy results) that ``passed`` were read from,
+    in their original order."""
+    return [items[i] for i in sorted(r.source for r in passed if r.source is not None)]
