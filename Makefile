@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test fuzz lint bench install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# The property-based fuzzers with many more examples than `make test` runs (minutes).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=deep $(BIN)/pytest -q tests/test_fuzz_inputs.py tests/test_fuzz_rules.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/aggregation.py

@@ -204,6 +204,44 @@ def run_main(
     return all_ok
 
 
+#: rule -> parameters given f, for the hostile-input timings
+HOSTILE_RULES = ("median", "krum", "multi_krum", "geometric_median", "centered_clip",
+                 "foolsgold", "krum/nnm")
+
+
+def hostile_updates(updates: list[list[np.ndarray]], kind: str) -> list[list[np.ndarray]]:
+    """``updates`` with client 0 replaced by a hostile one.
+
+    ``anchor``: far away (1e6 x the honest values) and sorted into the middle of the
+    canonical order, so it becomes the Gram matrices' anchor and forces the second pass
+    around the coordinate-wise median. ``huge``: values of 1e19, whose squares overflow
+    float32, so every block's products are redone in float64.
+    """
+    hostile = [[layer.copy() for layer in client] for client in updates]
+    firsts = sorted(float(client[0].reshape(-1)[0]) for client in updates[1:])
+    for layer in hostile[0]:
+        layer *= 1e6 if kind == "anchor" else 0.0
+        if kind == "huge":
+            layer += np.float32(1e19)
+    hostile[0][0].reshape(-1)[0] = firsts[len(firsts) // 2] + 1e-3  # the middle position
+    return hostile
+
+
+def run_hostile(n: int, d: int, f: int, repeats: int) -> None:
+    print(f"\nHostile inputs, n={n}, d={d:,}: seconds, and ratio to the same rule on honest "
+          "updates (measured in this run)")
+    updates = make_updates(n, d)
+    variants = {kind: hostile_updates(updates, kind) for kind in ("anchor", "huge")}
+    print(f"{'rule':<18}{'honest s':>10}{'anchor s':>10}{'ratio':>8}{'huge s':>10}{'ratio':>8}")
+    for label in HOSTILE_RULES:
+        honest = measure(rule_call(label, f, updates), repeats)
+        row = f"{label:<18}{honest:>10.3f}"
+        for kind in ("anchor", "huge"):
+            seconds = measure(rule_call(label, f, variants[kind]), repeats)
+            row += f"{seconds:>10.3f}{seconds / honest:>7.1f}x"
+        print(row)
+
+
 def run_scaling(ns: list[int], d: int, repeats: int) -> None:
     print(f"\nScaling in n at d={d:,} (seconds, and ratio to the reference at the same n)")
     labels = [label for label in RULES if "/" not in label]
@@ -239,6 +277,7 @@ def main() -> None:
     if args.quick:
         args.n, args.d, args.f, args.repeats, args.scaling = 20, 200_000, 4, 2, ""
     ok = run_main(args.n, args.d, args.f, args.repeats, not args.no_flower, not args.no_memory)
+    run_hostile(args.n, args.d, args.f, args.repeats)
     if args.scaling:
         run_scaling([int(v) for v in args.scaling.split(",")], args.d, max(args.repeats - 2, 1))
     print("\nall targets met" if ok else "\nsome targets NOT met (see verdicts)")

@@ -145,11 +145,13 @@ def coordinate_mean_around_median(block, network, k, out):  # pragma: no cover -
                 entering = abs(np.float64(tile[s + k, j]) - med[j])
                 leaving = abs(np.float64(tile[s, j]) - med[j])
                 first[j] = s + 1 if entering < leaving else first[j]
+        total = np.zeros(TILE, np.float64)
+        for r in range(n):  # row by row over the tile: contiguous and branch-free
+            for j in range(TILE):
+                inside = first[j] <= r < first[j] + k
+                total[j] += np.float64(tile[r, j]) if inside else 0.0
         for j in range(width):
-            total = 0.0
-            for r in range(first[j], first[j] + k):
-                total += np.float64(tile[r, j])
-            out[start + j] = total / k
+            out[start + j] = total[j] / k
 
 
 @numba.njit(parallel=True, **_JIT)

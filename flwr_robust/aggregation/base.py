@@ -82,9 +82,11 @@ def canonical_order(updates: Sequence[Layers]) -> np.ndarray:
     difference. Identical updates keep their input order (they are interchangeable).
     """
     n = len(updates)
+    if n < 2:
+        return np.arange(n)
     prefix = np.array([_leading_values(client, CANONICAL_PREFIX) for client in updates])
     order = np.lexsort(prefix.T[::-1]) if prefix.size else np.arange(n)
-    same = np.all(prefix[order[1:]] == prefix[order[:-1]], axis=1) if n > 1 else np.array([])
+    same = np.all(prefix[order[1:]] == prefix[order[:-1]], axis=1)
     if not np.any(same):
         return order
     result = list(order)
@@ -114,9 +116,14 @@ def _leading_values(client: Layers, count: int) -> list[float]:
 
 
 def _compare_updates(a: Layers, b: Layers, chunk: int = 1 << 16) -> int:
-    """-1, 0 or 1: the lexicographic comparison of two updates' values."""
+    """-1, 0 or 1: the lexicographic comparison of two updates' values (updates of other
+    layouts compare by layout; :class:`UpdateMatrix` then refuses them)."""
+    if len(a) != len(b):
+        return -1 if len(a) < len(b) else 1
     for left, right in zip(a, b, strict=True):
         left, right = np.asarray(left).reshape(-1), np.asarray(right).reshape(-1)
+        if left.size != right.size:
+            return -1 if left.size < right.size else 1
         for start in range(0, left.size, chunk):
             x = left[start : start + chunk].astype(np.float64)
             y = right[start : start + chunk].astype(np.float64)
@@ -174,7 +181,8 @@ class Aggregator(ABC):
         the result is exactly invariant to the clients' order (and no client can pick its
         position to win a tie or to become a rule's reference point).
         """
-        matrix = UpdateMatrix(updates, base=base)
+        order = canonical_order(updates)
+        matrix = UpdateMatrix(updates, base=base, order=order)
         counts = _check_num_examples(num_examples, matrix.n)
         ids = _check_client_ids(client_ids, matrix.n)
         if ids is None and self.needs_client_ids:
@@ -183,11 +191,8 @@ class Aggregator(ABC):
                 "identities, e.g. signer key ids or node ids); state is never keyed by position"
             )
         self.check_num_clients(matrix.n)
-        order = canonical_order(updates)
-        if np.array_equal(order, np.arange(matrix.n)):
-            return self._aggregate(matrix, counts, ids)
         result = self._aggregate(
-            UpdateMatrix([updates[i] for i in order], base=base),
+            matrix,
             None if counts is None else counts[order],
             None if ids is None else [ids[i] for i in order],
         )

@@ -15,9 +15,29 @@ from .registry import register
 
 logger = logging.getLogger(__name__)
 
-#: Largest magnitude a stored history value may take: the squares of a block of up to 2**23
-#: such values sum below the float32 safety bound HUGE = 2**100 of :mod:`.matrix`.
-_HISTORY_LIMIT = 2.0**36
+#: Largest squared norm a stored history may have in one block: every value and every
+#: product of the block's Gram matrix then stays far inside float32's safe range (HUGE =
+#: 2**100 in :mod:`.matrix`).
+_ROW_LIMIT = 2.0**80
+
+
+def _shrink_factor(values: np.ndarray) -> float:
+    """The power of two that brings the squared norm of ``values`` (finite float32) to at
+    most a quarter of ``_ROW_LIMIT``."""
+    exact = values.astype(np.float64)
+    squared = float(exact @ exact)
+    if not math.isfinite(squared):  # only deltas beyond float32 (an absurd global model)
+        raise ValueError("foolsgold: an update is not finite in float32; history not updated")
+    return 2.0 ** -(math.ceil(0.5 * math.log2(squared / _ROW_LIMIT)) + 1)
+
+
+def _products(block: np.ndarray, torch: Any) -> np.ndarray:
+    """``block @ block.T`` in float32 (float64 where float32 products are unsafe)."""
+    part = (torch.from_numpy(block) @ torch.from_numpy(block).T).numpy().astype(np.float64)
+    if _safe_products(part) or not np.all(np.isfinite(block)):
+        return part
+    exact = block.astype(np.float64)
+    return exact @ exact.T
 
 
 def foolsgold_weights(similarities: np.ndarray, kappa: float) -> np.ndarray:
@@ -106,11 +126,14 @@ class FoolsGold(Aggregator):
         """Add the updates to the histories; return the Gram matrix of the stored histories
         (each a positive multiple of the client's true history: cosines are the same).
 
-        A history is stored as float32 values times a power-of-two scale (1 until needed).
-        When a client's history would leave the range where float32 products are exact
-        (see :mod:`.matrix`), that block is redone in float64 and the client's stored values
-        are scaled down by a power of two (exact), so histories of any finite updates stay
-        finite and their cosines exact.
+        A history is stored as float32 values times a power-of-two scale (1 until needed),
+        its squared norm in every block at most ``_ROW_LIMIT``, so every stored value is at
+        most ``2**40``: far below half a float32 step at float32's largest value, so adding
+        any finite float32 update rounds but never overflows. Where a block's Gram matrix
+        shows a client above the limit, that client's stored values (all blocks so far) are
+        scaled down by a power of two (exact) and its scale up, so histories of any finite
+        updates stay finite, their products stay in float32's safe range (see
+        :mod:`.matrix`) and their cosines exact.
         """
         import torch
 
@@ -124,49 +147,28 @@ class FoolsGold(Aggregator):
         scales = np.array([self._scale.get(i, 1.0) for i in ids])
         gram = np.zeros((matrix.n, matrix.n))
         for start, stop, block in matrix.blocks():
-            for row in np.flatnonzero(scales != 1.0):
-                block[row] *= np.float32(1.0 / scales[row])  # power of two: exact
             for row, history in enumerate(histories):
-                block[row] += history[start:stop]
-            tensor = torch.from_numpy(block)
-            part = (tensor @ tensor.T).numpy().astype(np.float64)
-            if _safe_products(part):
-                for row, history in enumerate(histories):
-                    history[start:stop] = block[row]
-            else:
-                part = self._exact_block_update(matrix, histories, scales, gram, start, stop)
+                if scales[row] != 1.0:
+                    block[row] *= np.float32(1.0 / scales[row])  # power of two: exact
+                part = history[start:stop]
+                part += block[row]
+                block[row] = part
+            part = _products(block, torch)
+            large = np.flatnonzero(~(np.diag(part) <= _ROW_LIMIT))  # NaN/Inf included
+            if large.size:
+                for row in large:
+                    shrink = _shrink_factor(histories[row][start:stop])
+                    histories[row][:stop] *= np.float32(shrink)
+                    block[row] = histories[row][start:stop]
+                    gram[row, :] *= shrink
+                    gram[:, row] *= shrink
+                    scales[row] /= shrink
+                part = _products(block, torch)
             gram += part
         for client, scale in zip(ids, scales, strict=True):
             if scale != 1.0:
                 self._scale[client] = float(scale)
         return (gram + gram.T) / 2.0
-
-    @staticmethod
-    def _exact_block_update(
-        matrix: UpdateMatrix,
-        histories: list[np.ndarray],
-        scales: np.ndarray,
-        gram: np.ndarray,
-        start: int,
-        stop: int,
-    ) -> np.ndarray:
-        """The slow path of one block: new histories in float64; a client whose values
-        would exceed ``_HISTORY_LIMIT`` is rescaled (its earlier blocks and Gram entries
-        too)."""
-        new = matrix.exact_block(start, stop) / scales[:, None]
-        for row, history in enumerate(histories):
-            new[row] += history[start:stop]
-            largest = float(np.max(np.abs(new[row]))) if new.shape[1] else 0.0
-            if largest > _HISTORY_LIMIT:
-                shrink = 2.0 ** -math.ceil(math.log2(largest / _HISTORY_LIMIT))
-                new[row] *= shrink
-                history[:start] *= np.float32(shrink)
-                gram[row, :] *= shrink
-                gram[:, row] *= shrink
-                scales[row] /= shrink
-            history[start:stop] = new[row]
-        stored = np.stack([h[start:stop] for h in histories]).astype(np.float64)
-        return stored @ stored.T
 
     def _aggregate(
         self, matrix: UpdateMatrix, num_examples: np.ndarray | None, client_ids: list[Any] | None

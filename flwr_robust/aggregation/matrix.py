@@ -13,13 +13,12 @@ order and exact up to rounding for any finite inputs:
 
 - *Range.* A block's float32 products are used only when every squared row norm of the
   block lies in ``[TINY, HUGE]`` (or is zero): then no element, product or partial sum can
-  over- or underflow float32. For Gram matrices around an anchor, also only when no
-  translated row is more than ``DYNAMIC_RANGE`` times longer (squared) than the median one:
-  float32 rounding of a far row's products would otherwise exceed the other rows' spread,
-  and decisions that compare distances to far rows (k-means) would turn on rounding.
-  Otherwise that block is recomputed in float64 from the clients' arrays, which
-  holds the square of any float32 value. Weighted sums of rows that come out non-finite
-  are recomputed in float64 the same way.
+  over- or underflow float32. Otherwise every row of that block is scaled by a power of
+  two (exact) to values of magnitude below 2, multiplied in float32 again and the
+  products scaled back in float64, which holds the square of any float32 value. Deltas
+  beyond float32 itself (only from an absurd global model) are recomputed in float64 from
+  the clients' arrays, and weighted sums of rows that come out non-finite are recomputed
+  in float64 the same way.
 - *Anchor.* Gram matrices are computed of the rows translated by an anchor, which removes
   what the rows share and keeps float32 products precise when the rows differ by far less
   than their magnitude. The anchor is the middle row (rules see the clients in a canonical
@@ -36,6 +35,7 @@ order and exact up to rounding for any finite inputs:
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -49,8 +49,6 @@ DEFAULT_BLOCK_BYTES = 32 << 20  # measured best on 2 cores (n=50, d=1e6): fewer,
 #: float32 block products are trusted when every squared row norm is 0 or in [TINY, HUGE].
 HUGE = 2.0**100
 TINY = 2.0**-100
-#: ... and, around an anchor, at most this many times the median squared row norm.
-DYNAMIC_RANGE = 2.0**16
 #: An anchor whose median distance to the other rows exceeds this multiple of the smallest
 #: such median is replaced (see the module docstring).
 ANCHOR_FACTOR = 4.0
@@ -144,16 +142,41 @@ def _column_medians(block: np.ndarray) -> np.ndarray:
     return out
 
 
-def _safe_products(products: np.ndarray, *, centred: bool = False) -> bool:
+def _safe_products(products: np.ndarray) -> bool:
     """Whether float32 products of a block are free of over- and underflow: finite, and
-    every squared row norm (the diagonal) zero or within ``[TINY, HUGE]``; for products
-    around an anchor (``centred``), also within ``DYNAMIC_RANGE`` of the median one."""
+    every squared row norm (the diagonal) zero or within ``[TINY, HUGE]``."""
     diagonal = np.diag(products)
     if not np.all(np.isfinite(products)) or np.any(diagonal > HUGE):
         return False
-    if np.any((diagonal > 0) & (diagonal < TINY)):
-        return False
-    return not centred or diagonal.max() <= DYNAMIC_RANGE * np.median(diagonal)
+    return not np.any((diagonal > 0) & (diagonal < TINY))
+
+
+def _block_products(block: np.ndarray, torch: Any) -> np.ndarray | None:
+    """``block @ block.T`` (float64) from float32 products: directly when that is safe,
+    else with every row first scaled by a power of two (exact) to values of magnitude
+    below 2, the products scaled back in float64. ``None`` when the block holds non-finite
+    values. May scale ``block``'s rows in place (it is scratch)."""
+    tensor = torch.from_numpy(block)
+    part = (tensor @ tensor.T).numpy().astype(np.float64)
+    if _safe_products(part):
+        return part
+    low, high = torch.aminmax(tensor, dim=1)
+    peak = np.maximum(-low.numpy(), high.numpy()).astype(np.float64)
+    if not np.all(np.isfinite(peak)):
+        return None
+    exponent = np.zeros(len(peak))
+    positive = peak > 0
+    exponent[positive] = np.clip(np.floor(np.log2(peak[positive])), -120, 120)
+    tensor.mul_(torch.from_numpy(np.exp2(-exponent).astype(np.float32))[:, None])
+    part = (tensor @ tensor.T).numpy().astype(np.float64)
+    scale = np.exp2(exponent)
+    return part * np.outer(scale, scale)
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    """Whether a float32 array holds no NaN/Inf: its float64 sum, which NaN and Inf
+    propagate to and which finite float32 values cannot overflow."""
+    return math.isfinite(float(np.sum(values, dtype=np.float64)))
 
 
 def _safe_norms(norms: np.ndarray) -> bool:
@@ -178,7 +201,7 @@ def weighted_rows(weights: np.ndarray, block: np.ndarray, out: np.ndarray) -> No
         torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)),
         out=torch.from_numpy(out),
     )
-    if not np.all(np.isfinite(out)):
+    if not _all_finite(out):
         exact = torch.from_numpy(block).double().T @ torch.from_numpy(
             np.asarray(weights, dtype=np.float64)
         )
@@ -202,6 +225,9 @@ class UpdateMatrix:
         ``base`` (e.g. a rule's previous aggregate, already a delta).
     max_block_bytes : int, optional
         Size of the reused float32 block buffer (:data:`DEFAULT_BLOCK_BYTES` by default).
+    order : sequence of int, optional
+        Row ``k`` is client ``order[k]`` (a permutation of the clients; errors name the
+        clients' input positions).
     """
 
     def __init__(
@@ -211,6 +237,7 @@ class UpdateMatrix:
         *,
         extra_rows: Sequence[np.ndarray] = (),
         max_block_bytes: int | None = None,
+        order: Sequence[int] | None = None,
     ) -> None:
         if len(updates) == 0:
             raise ValueError("no updates to aggregate")
@@ -224,7 +251,8 @@ class UpdateMatrix:
         if not self.shapes:
             raise ValueError("updates have no layers")
         self._rows: list[list[np.ndarray]] = []
-        for i, client in enumerate(updates):
+        for i in range(len(updates)) if order is None else order:
+            client = updates[i]
             if len(client) != len(self.shapes):
                 raise ValueError(
                     f"client {i} has {len(client)} layers, client 0 has {len(self.shapes)}"
@@ -381,27 +409,20 @@ class UpdateMatrix:
                 tensor[:anchor] -= point  # torch: multi-threaded, no temporary copy
                 tensor[anchor + 1 :] -= point
                 tensor[anchor] = 0.0
-            part = (tensor @ tensor.T).numpy().astype(np.float64)
-            if with_anchor:  # float64 accumulation: mixings that do not preserve the mean
-                # (clipping) combine these products with the centred ones
-                point64 = point.numpy().astype(np.float64)
-                point_sq = float(point64 @ point64)
-                along = np.einsum("ij,j->i", block, point64)
-                safe = _safe_products(part, centred=True)
-                safe = safe and _safe_norms(np.array([point_sq]))
-            else:
-                point_sq, along, safe = 0.0, products, _safe_products(part, centred=True)
-            if not safe:  # slow exact path: this block in float64
-                exact = torch.from_numpy(self.exact_block(start, stop))
-                point64 = point.double() if anchor is None else exact[anchor].clone()
-                exact -= point64
-                part = (exact @ exact.T).numpy()
-                point_sq = float(point64 @ point64)
-                along = (exact @ point64).numpy()
-            centered += part
             if with_anchor:
+                point32 = point.numpy()
+                anchor_sq += float(np.einsum("i,i->", point32, point32, dtype=np.float64))
+                # einsum, not BLAS: alternating numpy BLAS with torch's thread pool stalls both
+                along = np.einsum("ij,j->i", block, point32).astype(np.float64)
+                if not np.all(np.abs(along) <= HUGE):  # float32 overflow (or NaN): float64
+                    along = np.einsum("ij,j->i", block, point32, dtype=np.float64)
                 products += along
-                anchor_sq += point_sq
+            part = _block_products(block, torch)
+            if part is None:  # values beyond float32 (deltas of an absurd model): float64
+                exact = torch.from_numpy(self.exact_block(start, stop))
+                exact -= point.double() if anchor is None else exact[anchor].clone()
+                part = (exact @ exact.T).numpy()
+            centered += part
         return AnchoredGram((centered + centered.T) / 2.0, products, anchor_sq)
 
     def _uncentered_gram(self) -> np.ndarray:
@@ -410,9 +431,8 @@ class UpdateMatrix:
         size = self.num_rows
         result = np.zeros((size, size), dtype=np.float64)
         for start, stop, block in self.blocks():
-            tensor = torch.from_numpy(block)
-            part = (tensor @ tensor.T).numpy().astype(np.float64)
-            if not _safe_products(part):
+            part = _block_products(block, torch)
+            if part is None:
                 exact = torch.from_numpy(self.exact_block(start, stop))
                 part = (exact @ exact.T).numpy()
             result += part
@@ -451,7 +471,7 @@ class UpdateMatrix:
         with warnings.catch_warnings():  # the rows may be read-only views: only read here
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             self._accumulate(coefficients, base_weight, out, torch.float32, torch)
-            if not np.all(np.isfinite(out)):
+            if not _all_finite(out):
                 exact = np.zeros(self.d, dtype=np.float64)
                 self._accumulate(coefficients, base_weight, exact, torch.float64, torch)
                 with np.errstate(over="ignore"):
