@@ -23,9 +23,9 @@ _NUMPY_STYPE = "numpy.ndarray"
 _MAX_HEADER = 10_000  # numpy's own limit in np.load
 #: Most dimensions an array may declare (numpy's own limit is 64).
 MAX_DIMENSIONS = 32
-#: Largest size of one dimension (larger ones only fit a zero-size payload).
-MAX_DIMENSION_SIZE = 2**40
-_NUMERIC_KINDS = "biufc"  # bool, signed and unsigned integers, floats, complex
+_MAX_EXTENT = 2**63 - 1  # numpy refuses shapes whose non-zero extent exceeds its intp
+_NUMERIC_KINDS = "biufc"
+_HEADER_KEYS = frozenset({"descr", "fortran_order", "shape"})  # bool, signed and unsigned integers, floats, complex
 _STANDARD_HEADER = re.compile(
     rb"\{'descr': '([<>|=][a-zA-Z][0-9]*)', 'fortran_order': (True|False), "
     rb"'shape': \(([0-9, ]*)\), \} *\n"
@@ -39,8 +39,11 @@ class MalformedArray(ValueError):
 def npy_view(data: bytes | bytearray | memoryview) -> np.ndarray:
     """Read-only ndarray over the payload of ``.npy`` bytes (no copy for C-order arrays).
 
-    Every quantity the header declares is checked against the bytes actually present before
-    anything is allocated or reshaped: at most :data:`MAX_DIMENSIONS` dimensions, each no
+    Exactly what ``np.load`` accepts is accepted (version x.0, a header of exactly the keys
+    ``descr``, ``fortran_order`` and ``shape``, the shape a tuple), so everything downstream,
+    Flower's own ``Array.numpy()`` included, reads what was validated. Every quantity the
+    header declares is checked against the bytes actually present before anything is
+    allocated or reshaped: at most :data:`MAX_DIMENSIONS` dimensions, each no
     larger than the payload, and an element count (exact Python integers, no wrap-around)
     whose size equals the payload's length.
 
@@ -57,7 +60,9 @@ def npy_view(data: bytes | bytearray | memoryview) -> np.ndarray:
         raise MalformedArray(f"data is not a byte buffer: {exc}") from exc
     if len(buffer) < 10 or bytes(buffer[:6]) != _MAGIC:
         raise MalformedArray("data is not in .npy format (bad magic)")
-    major = buffer[6]
+    major, minor = buffer[6], buffer[7]
+    if minor != 0:  # np.load (which Flower's Array.numpy() calls) accepts only x.0
+        raise MalformedArray(f"unsupported .npy version {major}.{minor}")
     if major == 1:
         header_length = int.from_bytes(buffer[8:10], "little")
         start = 10
@@ -98,11 +103,18 @@ def _parse_header(text: bytes, major: int) -> tuple[np.dtype, tuple[int, ...], b
             fortran: Any = fortran_text == "True"
         else:
             header = ast.literal_eval(text.decode("latin1" if major < 3 else "utf8"))
-            if not isinstance(header, dict):
-                raise MalformedArray("invalid .npy header: not a dictionary")
+            if not isinstance(header, dict) or set(header) != _HEADER_KEYS:
+                raise MalformedArray(
+                    "invalid .npy header: not a dictionary of exactly "
+                    f"{', '.join(sorted(_HEADER_KEYS))}"
+                )
             descr, shape_items, fortran = (
                 header["descr"], header["shape"], header["fortran_order"]
             )
+            if not isinstance(shape_items, tuple):
+                raise MalformedArray(
+                    f"invalid .npy header: shape {shape_items!r:.80} is not a tuple"
+                )
         dtype = np.dtype(descr)
     except MalformedArray:
         raise
@@ -119,8 +131,9 @@ def _parse_header(text: bytes, major: int) -> tuple[np.dtype, tuple[int, ...], b
         raise MalformedArray(f"{len(shape)} dimensions exceed the limit {MAX_DIMENSIONS}")
     if any(v < 0 for v in shape):
         raise MalformedArray(f"negative dimension in shape {shape}")
-    if any(v > MAX_DIMENSION_SIZE for v in shape):  # only zero-size arrays get this far
-        raise MalformedArray(f"dimension in shape {shape} exceeds {MAX_DIMENSION_SIZE}")
+    extent = math.prod(v for v in shape if v) * dtype.itemsize  # numpy's own size limit,
+    if extent > _MAX_EXTENT:  # which also binds zero-size arrays
+        raise MalformedArray(f"shape {shape} is larger than any array can be")
     if dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
         raise MalformedArray(f"unsupported dtype {dtype} (only plain numeric arrays)")
     return dtype, shape, fortran

@@ -65,11 +65,24 @@ DESCRS = ["<f4", ">f8", "|u1", "<i8", "|b1", "<c8", "|O", "<U3", "|V0", "|V8", "
           "f4", "<f", "xyz", "", "<f4,<f4"]
 
 
-def npy_bytes(descr: object, fortran: object, shape: object, payload: bytes, major: int) -> bytes:
-    header = f"{{'descr': {descr!r}, 'fortran_order': {fortran!r}, 'shape': {shape!r}, }}"
+def npy_bytes(descr: object, fortran: object, shape: object, payload: bytes, major: int,
+              minor: int = 0, extra: str = "") -> bytes:
+    header = f"{{'descr': {descr!r}, 'fortran_order': {fortran!r}, 'shape': {shape!r}, {extra}}}"
     text = header.encode("latin1", "replace") + b"\n"
     size = struct.pack("<H", len(text)) if major == 1 else struct.pack("<I", len(text))
-    return b"\x93NUMPY" + bytes([major, 0]) + size + text + payload
+    return b"\x93NUMPY" + bytes([major, minor]) + size + text + payload
+
+
+def check_like_np_load(data: bytes) -> None:
+    """``npy_view`` accepts exactly what ``np.load`` reads (Flower's ``Array.numpy()``
+    calls it), and both read the same array; else it raises ``MalformedArray``."""
+    try:
+        view = npy_view(data)
+    except MalformedArray:
+        return
+    loaded = np.load(io.BytesIO(data), allow_pickle=False)
+    assert loaded.dtype == view.dtype and loaded.shape == view.shape
+    assert loaded.tobytes() == view.tobytes() and not view.flags.writeable
 
 
 shapes = st.one_of(
@@ -86,23 +99,17 @@ shapes = st.one_of(
     shape=shapes,
     payload=st.binary(max_size=64),
     major=st.sampled_from([1, 2, 3]),
+    minor=st.sampled_from([0, 0, 1]),
+    extra=st.sampled_from(["", "", "'x': 1, "]),
 )
-def test_npy_headers_give_a_view_or_malformed_array(descr, fortran, shape, payload, major):
-    data = npy_bytes(descr, fortran, shape, payload, major)
-    try:
-        view = npy_view(data)
-    except MalformedArray:
-        return
-    assert view.nbytes == len(payload) and not view.flags.writeable
+def test_npy_headers_are_read_like_np_load(descr, fortran, shape, payload, major, minor, extra):
+    check_like_np_load(npy_bytes(descr, fortran, shape, payload, major, minor, extra))
 
 
 @given(data=st.binary(max_size=300))
 def test_random_bytes_give_a_view_or_malformed_array(data: bytes) -> None:
     for candidate in (data, b"\x93NUMPY" + data):
-        try:
-            npy_view(candidate)
-        except MalformedArray:
-            pass
+        check_like_np_load(candidate)
 
 
 @given(flips=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), min_size=1,
@@ -113,10 +120,7 @@ def test_corrupted_npy_bytes_give_a_view_or_malformed_array(flips) -> None:
     data = bytearray(buffer.getvalue())
     for position, value in flips:
         data[position % len(data)] = value
-    try:
-        npy_view(bytes(data))
-    except MalformedArray:
-        pass
+    check_like_np_load(bytes(data))
 
 
 @given(

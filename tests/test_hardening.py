@@ -7,6 +7,7 @@ or bypassed a signature before, and are now rejected with a reason.
 
 from __future__ import annotations
 
+import io
 import struct
 from pathlib import Path
 
@@ -396,9 +397,9 @@ def test_9_every_copy_of_a_duplicated_node_id_is_rejected() -> None:
 
 
 # ---------------------------------------------------------------------------- finding 10
-def test_10_legacy_count_is_covered_even_with_a_num_examples_metric(keys: KeyDir) -> None:
-    strategy = make_strategy("median", api="legacy", hooks=signing_hooks(keys))
-    model = global_model()
+def signed_legacy_results(strategy, model: dict, keys: KeyDir, metrics: dict) -> list:
+    """One legacy round through the client mod: every node returns its weights + 0.1, 10
+    examples and ``metrics``; the (proxy, FitRes) pairs the server receives."""
     instructions = strategy.configure_fit(1, ndarrays_to_parameters(list(model.values())),
                                           legacy_manager(list(NODES)))
     results = []
@@ -407,18 +408,24 @@ def test_10_legacy_count_is_covered_even_with_a_num_examples_metric(keys: KeyDir
                           message_type="train")
 
         def app(msg: Message, context: Context) -> Message:
-            res = fit_res(list(client_weights(model, 0.1).values()), 10, {"num-examples": 10})
+            res = fit_res(list(client_weights(model, 0.1).values()), 10, dict(metrics))
             return Message(fitres_to_recorddict(res, keep_input=True), reply_to=msg)
 
         answer = integrity_mod(message, context_for(proxy.node_id, keys), app)
         assert not answer.has_error()
         content = answer.content
         count = content.metric_records["fitres.num_examples"]["num_examples"]
-        if proxy.node_id == 101:
-            count = 9_000_000  # a man in the middle inflates FitRes.num_examples
         res = fit_res([], count, dict(content.config_records["fitres.metrics"]))
         res.parameters.tensors = [a.data for a in content["fitres.parameters"].values()]
         results.append((proxy, res))
+    return results
+
+
+def test_10_legacy_count_is_covered_even_with_a_num_examples_metric(keys: KeyDir) -> None:
+    strategy = make_strategy("median", api="legacy", hooks=signing_hooks(keys))
+    results = signed_legacy_results(strategy, global_model(), keys, {"num-examples": 10})
+    res = next(r for p, r in results if p.node_id == 101)
+    res.num_examples = 9_000_000  # a man in the middle inflates FitRes.num_examples
     strategy.aggregate_fit(1, results, [])
     assert strategy.reports[-1].rejected[101].startswith("bad-signature")
 
@@ -574,3 +581,203 @@ def test_18_unreadable_replies_never_escape_a_strategy() -> None:
     results[0][1].parameters = Parameters(tensors=None, tensor_type="")  # type: ignore[arg-type]
     legacy.aggregate_fit(1, results, [])
     assert legacy.reports[-1].rejected[results[0][0].node_id].startswith("malformed-")
+
+
+# ------------------------------------------------- found by the review of the hardening
+def npy_variant(array: np.ndarray, kind: str) -> bytes:
+    """``.npy`` bytes that ``np.load`` (so Flower's ``Array.numpy()``) refuses."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    data = bytearray(buffer.getvalue())
+    if kind == "minor-version":
+        data[7] = 1
+        return bytes(data)
+    shape = str(list(array.shape)) if kind == "list-shape" else str(array.shape)
+    extra = "'x': 1, " if kind == "extra-key" else ""
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, {extra}}}"
+    text = header.ljust(117).encode() + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text + array.tobytes()
+
+
+@pytest.mark.parametrize("kind", ["minor-version", "list-shape", "extra-key"])
+def test_review_arrays_np_load_refuses_are_malformed(kind: str) -> None:
+    model = global_model()
+    strategy = with_hooks(FedAvg(min_available_nodes=3), [])
+    ins = train_instructions(strategy, model, [1, 2, 3])
+    replies = [reply(m, client_weights(model, 0.5)) for m in ins]
+    weights = model["w"] + np.float32(0.5)
+    replies[0].content["arrays"]["w"] = Array(
+        dtype="float32", shape=(3, 4), stype="numpy.ndarray", data=npy_variant(weights, kind)
+    )
+    new, _ = strategy.aggregate_train(1, replies)
+    node = replies[0].metadata.src_node_id
+    assert strategy.reports[-1].rejected[node].startswith("malformed-array")
+    np.testing.assert_allclose(new["w"].numpy(), weights, rtol=1e-6)
+
+
+@pytest.mark.parametrize("odd", [{"acc": [0.5]}, {"acc": 0.5}, {"acc": [1.0, 2.0, 3.0]}])
+def test_review_metrics_a_minority_sends_differently_never_void_the_round(odd) -> None:
+    model = global_model()
+    strategy = with_hooks(FedAvg(min_available_nodes=5), [])
+    ins = train_instructions(strategy, model, list(NODES))
+    replies = [reply(m, client_weights(model, 0.5), extra_metrics={"acc": [0.5, 0.5]})
+               for m in ins]
+    replies[0] = reply(ins[0], client_weights(model, 0.5), extra_metrics=odd)
+    replies[1] = reply(ins[1], client_weights(model, 0.5), extra_metrics={**odd, "x": 1.0})
+    new, metrics = strategy.aggregate_train(1, replies)
+    assert new is not None and metrics["acc"] == [0.5, 0.5]
+    assert metrics["robust-rejected-inconsistent-reply"] == 2
+    robust = make_strategy("median")
+    ins = train_instructions(robust, model, list(NODES))
+    replies = [reply(m, client_weights(model, 0.5), extra_metrics={"acc": [0.5, 0.5]})
+               for m in ins]
+    replies[0] = reply(ins[0], client_weights(model, 0.5), extra_metrics=odd)
+    _, metrics = robust.aggregate_train(1, replies)
+    assert metrics["acc"] == [0.5, 0.5] and metrics["robust-kept"] == 5  # model: all kept
+
+
+def weighted_accuracy(metrics: list[tuple[int, dict]]) -> dict:
+    """The Flower tutorial's metrics function: fails on a missing or non-numeric key."""
+    total = sum(n for n, _ in metrics)
+    return {"accuracy": sum(n * m["accuracy"] for n, m in metrics) / total}
+
+
+@pytest.mark.parametrize("odd", [{"accuracy": "0.9"}, {}, {"accuracy": [0.9]}])
+def test_review_legacy_evaluation_metrics_and_loss(odd) -> None:
+    from flwr.common import EvaluateRes
+
+    strategy = make_strategy("median", api="legacy",
+                             evaluate_metrics_aggregation_fn=weighted_accuracy)
+    instructions = strategy.configure_evaluate(
+        1, ndarrays_to_parameters(list(global_model().values())), legacy_manager([1, 2, 3, 4, 5])
+    )
+    results = [(p, EvaluateRes(Status(Code.OK, ""), 0.5, 10, {"accuracy": 0.9}))
+               for p, _ in instructions]
+    results[0][1].metrics = odd
+    results[1][1].loss = [0.1, 0.1]  # type: ignore[assignment]
+    loss, metrics = strategy.aggregate_evaluate(1, results, [])
+    assert loss == pytest.approx(0.5) and metrics == {"accuracy": pytest.approx(0.9)}
+    rejected = strategy.engine.evaluation_reports[-1].rejected
+    assert rejected[results[1][0].node_id].startswith("malformed-reply")
+
+
+def test_review_legacy_metric_functions_never_see_signature_fields(keys: KeyDir) -> None:
+    seen = []
+
+    def record(metrics: list[tuple[int, dict]]) -> dict:
+        seen.extend(key for _, m in metrics for key in m)
+        return {}
+
+    strategy = make_strategy("median", api="legacy", hooks=signing_hooks(keys),
+                             fit_metrics_aggregation_fn=record)
+    strategy.aggregate_fit(1, signed_legacy_results(strategy, global_model(), keys,
+                                                    {"acc": 0.5}), [])
+    assert strategy.reports[-1].kept == sorted(NODES)
+    assert seen and set(seen) == {"acc"}
+
+
+def test_review_a_message_without_content_is_refused_by_the_mod(keys: KeyDir) -> None:
+    from flwr.app import Error
+
+    strategy = make_strategy("median", hooks=signing_hooks(keys))
+    ins = instruction_to(strategy, global_model())
+    broken = Message(Error(code=3, reason="x"), reply_to=reply(ins, None))
+    broken.metadata.message_type = "train"
+    answer = integrity_mod(broken, context_for(101, keys), honest_app)
+    assert answer.has_error() and "unexpected-records" in answer.error.reason
+
+
+def test_review_signature_prefixed_metrics_are_refused(keys: KeyDir) -> None:
+    model = global_model()
+    strategy = make_strategy("median", hooks=signing_hooks(keys))
+    ins = train_instructions(strategy, model, list(NODES))
+    replies = [integrity_mod(m, context_for(m.metadata.dst_node_id, keys), honest_app)
+               for m in ins]
+    replies[0].content["metrics"]["frs-accuracy"] = 1e30  # unsigned, would be aggregated
+    strategy.aggregate_train(1, replies)
+    node = replies[0].metadata.src_node_id
+    assert strategy.reports[-1].rejected[node].startswith("malformed-reply")
+
+    def app(msg: Message, context: Context) -> Message:
+        answer = honest_app(msg, context)
+        answer.content["metrics"]["frs-x"] = 1.0
+        return answer
+
+    again = instruction_to(strategy, model, rnd=2)
+    assert "unsignable-reply" in integrity_mod(again, context_for(101, keys), app).error.reason
+
+
+def test_review_identical_updates_tie_by_identity_not_arrival() -> None:
+    rng = np.random.default_rng(5)
+    honest = [rng.standard_normal(6).astype(np.float32) for _ in range(5)]
+    twin = rng.standard_normal(6).astype(np.float32)
+    updates = [*honest, twin, twin.copy()]
+    ids = ["h0", "h1", "h2", "h3", "h4", "A", "B"]
+    outcomes = set()
+    for order in ([0, 1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1, 0], [5, 0, 6, 1, 2, 3, 4]):
+        rule = get_aggregator("reputation", base_rule="multi_krum", num_malicious=2)
+        for _ in range(4):
+            result = rule([[updates[i]] for i in order], client_ids=[ids[i] for i in order])
+        kept = tuple(sorted(ids[order[i]] for i in result.kept))
+        outcomes.add((kept, result.update[0].tobytes()))
+    assert len(outcomes) == 1
+    zeros = [np.zeros(3, np.float32), np.array([-0.0, 0, 0], np.float32), np.ones(3, np.float32)]
+    bits = {get_aggregator("median")([[zeros[i]] for i in order]).update[0].tobytes()
+            for order in ([0, 1, 2], [1, 0, 2], [2, 1, 0])}
+    assert len(bits) == 1
+
+
+def test_review_reputation_distance_keeps_clients_at_the_aggregate() -> None:
+    rule = get_aggregator("reputation", base_rule="median", reputation_score="distance")
+    for _ in range(6):
+        result = rule([[np.zeros(4, np.float32)] for _ in range(5)], client_ids=list("abcde"))
+    assert result.kept == [0, 1, 2, 3, 4]
+
+
+def test_review_integer_and_float64_layers_keep_their_precision() -> None:
+    model = {"steps": np.array([2**40 + 1], np.int64), "w": np.array([1.0], np.float64)}
+    strategy = make_strategy("krum", num_malicious=0)
+    ins = train_instructions(strategy, model, [1, 2, 3])
+    replies = [reply(m, {"steps": model["steps"], "w": model["w"] + 1e-9}) for m in ins]
+    new, _ = strategy.aggregate_train(1, replies)
+    assert new["steps"].numpy()[0] == 2**40 + 1
+    assert new["w"].numpy()[0] == pytest.approx(1.0 + 1e-9, abs=1e-15)
+
+
+def test_review_instructions_bind_their_kind_run_and_round(keys: KeyDir) -> None:
+    strategy = make_strategy("median", hooks=signing_hooks(keys))
+    train = instruction_to(strategy, global_model())
+    relabelled = Message(train.content, dst_node_id=101, message_type="evaluate")
+    answer = integrity_mod(relabelled, context_for(101, keys), honest_app)
+    assert answer.has_error() and "bad-signature" in answer.error.reason
+    context = context_for(101, keys)
+    assert not integrity_mod(train, context, honest_app).has_error()
+    replayed = integrity_mod(train, context, honest_app)
+    assert replayed.has_error() and "stale-round" in replayed.error.reason
+    other_run = context_for(102, keys)
+    other_run.run_id = RUN_ID + 1
+    answer = integrity_mod(instruction_to(strategy, global_model(), 102), other_run, honest_app)
+    assert answer.has_error() and "wrong-run" in answer.error.reason
+    half = context_for(103, keys)
+    half.node_config.pop("server-public-key", None)
+    half.node_config["signing-key"] = str(keys.client_key("client-2"))
+    answer = integrity_mod(instruction_to(strategy, global_model(), 103), half, honest_app)
+    assert answer.has_error() and "keys-unavailable" in answer.error.reason
+
+
+def test_review_a_revoked_key_stays_revoked_after_reloading_an_older_store(
+    keys: KeyDir,
+) -> None:
+    store = TrustStore.load(keys.truststore)
+    backup = keys.truststore.read_bytes()
+    store.revoke(store.find("client-0").key_id)
+    store.save()
+    keys.truststore.write_bytes(backup + b"\n")  # a restored backup
+    assert store.reload_if_changed()
+    assert store.find("client-0").revoked
+
+
+def test_review_trimmed_mean_that_trims_nothing_says_so(caplog) -> None:
+    with caplog.at_level("WARNING"):
+        get_aggregator("trimmed_mean")([[np.ones(2, np.float32)] for _ in range(5)])
+    assert "trims nothing" in caplog.text

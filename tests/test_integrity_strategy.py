@@ -53,6 +53,8 @@ def signed_median(keys: KeyDir, api: str = "message"):
 
 
 def context_for(node_id: int, keys: KeyDir, **node_config) -> Context:
+    if "signing-key" in node_config:  # a node naming its key names the server's too
+        node_config.setdefault("server-public-key", str(keys.server_pub))
     return Context(
         run_id=RUN_ID,
         node_id=node_id,

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flwr_robust.aggregation import _kernels
+from flwr_robust.aggregation.tiles import num_tiles
 from tests import reference_rules as ref
 
 
@@ -105,7 +106,7 @@ def test_replace_outliers_matches_reference(robust: bool, n: int, c: int, seed: 
     outliers = rng.random((n, c)) < 0.05
     block[outliers] *= 50.0
     expected = ref.rfout(block.astype(np.float64), 3.0, robust)
-    counts = np.zeros((_kernels.num_tiles(c), n), np.int64)
+    counts = np.zeros((num_tiles(c), n), np.int64)
     work = block.copy()
     _kernels.replace_outliers(work, _kernels.sorting_network(n), 3.0, robust, counts)
     np.testing.assert_allclose(work, expected, rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ from functools import lru_cache
 import numba
 import numpy as np
 
-TILE = 256  # coordinates per tile: n * TILE float32 values stay in L1/L2 for n <= 200
+from .tiles import TILE
 
 _JIT = {"cache": True, "nogil": True}
 OUTLIER_MARGIN = 1.0 + 1e-9  # see replace_outliers
@@ -207,7 +207,3 @@ def replace_outliers(block, network, threshold, robust, replaced):  # pragma: no
                     count += 1
             replaced[t, i] += count
 
-
-def num_tiles(columns: int) -> int:
-    """Number of tiles the kernels split ``columns`` coordinates into."""
-    return (columns + TILE - 1) // TILE

@@ -73,22 +73,37 @@ class AggregationResult:
 CANONICAL_PREFIX = 16
 
 
-def canonical_order(updates: Sequence[Layers]) -> np.ndarray:
+def canonical_order(
+    updates: Sequence[Layers], client_ids: Sequence[Any] | None = None
+) -> np.ndarray:
     """Client indices in the lexicographic order of their updates' values (layers in
     order, each flattened in C order; compared as float64).
 
     The first :data:`CANONICAL_PREFIX` values of every client decide almost always; clients
     equal on them are compared further, chunk by chunk, only as far as their first
-    difference. Identical updates keep their input order (they are interchangeable).
+    difference. Equal values are then ordered by their bytes (``-0.0`` and ``0.0`` differ)
+    and identical updates by client identity (``str(client_id)``), so the order never
+    depends on the input's: not even stateful rules, which key on the identities, can tell.
     """
     n = len(updates)
     if n < 2:
         return np.arange(n)
     prefix = np.array([_leading_values(client, CANONICAL_PREFIX) for client in updates])
-    order = np.lexsort(prefix.T[::-1]) if prefix.size else np.arange(n)
+    order = np.lexsort(prefix.T[::-1])
     same = np.all(prefix[order[1:]] == prefix[order[:-1]], axis=1)
     if not np.any(same):
         return order
+    ids = [None] * n if client_ids is None else [str(i) for i in client_ids]
+
+    def compare(a: int, b: int) -> int:
+        by_value = _compare_updates(updates[a], updates[b])
+        if by_value:
+            return by_value
+        by_bytes = _compare_bytes(updates[a], updates[b])
+        if by_bytes or ids[a] is None or ids[a] == ids[b]:
+            return by_bytes
+        return -1 if ids[a] < ids[b] else 1  # type: ignore[operator]
+
     result = list(order)
     start = 0
     while start < n:  # sort each run of equal prefixes by full content
@@ -96,11 +111,7 @@ def canonical_order(updates: Sequence[Layers]) -> np.ndarray:
         while stop < n and same[stop - 1]:
             stop += 1
         if stop - start > 1:
-            result[start:stop] = sorted(
-                result[start:stop], key=functools.cmp_to_key(
-                    lambda a, b: _compare_updates(updates[a], updates[b])
-                )
-            )
+            result[start:stop] = sorted(result[start:stop], key=functools.cmp_to_key(compare))
         start = stop
     return np.asarray(result, dtype=np.int64)
 
@@ -113,6 +124,16 @@ def _leading_values(client: Layers, count: int) -> list[float]:
         flat = np.asarray(layer).reshape(-1)
         values.extend(float(v) for v in flat[: count - len(values)])
     return values + [0.0] * (count - len(values))  # every client has the same shapes
+
+
+def _compare_bytes(a: Layers, b: Layers) -> int:
+    """-1, 0 or 1: the comparison of two equal-valued updates' bytes."""
+    for left, right in zip(a, b, strict=False):
+        left_bytes = np.ascontiguousarray(left).tobytes()
+        right_bytes = np.ascontiguousarray(right).tobytes()
+        if left_bytes != right_bytes:
+            return -1 if left_bytes < right_bytes else 1
+    return 0
 
 
 def _compare_updates(a: Layers, b: Layers, chunk: int = 1 << 16) -> int:
@@ -181,7 +202,7 @@ class Aggregator(ABC):
         the result is exactly invariant to the clients' order (and no client can pick its
         position to win a tie or to become a rule's reference point).
         """
-        order = canonical_order(updates)
+        order = canonical_order(updates, client_ids)
         matrix = UpdateMatrix(updates, base=base, order=order)
         counts = _check_num_examples(num_examples, matrix.n)
         ids = _check_client_ids(client_ids, matrix.n)

@@ -12,7 +12,6 @@ import logging
 from typing import Any
 
 import numpy as np
-from sklearn.cluster import HDBSCAN, KMeans
 
 from .base import (
     AggregationResult,
@@ -55,6 +54,8 @@ def hdbscan_labels(
 ) -> np.ndarray:
     """HDBSCAN cluster labels (``-1`` = noise) of a precomputed distance matrix, with a
     single cluster allowed."""
+    from sklearn.cluster import HDBSCAN  # lazy: scikit-learn takes ~0.7 s to import
+
     model = HDBSCAN(
         metric="precomputed",
         min_cluster_size=min_cluster_size,
@@ -263,6 +264,8 @@ class ClusterFilter(Aggregator):
             return hdbscan_labels(distances, min_cluster_size=min(self.min_cluster_size, n))
         if not np.any(distances > 0):
             return np.zeros(n, dtype=np.int64)
+        from sklearn.cluster import KMeans  # lazy, see hdbscan_labels
+
         points = embed(inner)
         first, second = np.unravel_index(np.argmax(distances), distances.shape)
         model = KMeans(n_clusters=2, init=points[[first, second]], n_init=1)

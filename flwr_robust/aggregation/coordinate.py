@@ -6,25 +6,31 @@ Both sort every coordinate across the clients with the compiled kernels of
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
-from . import _kernels
 from .base import AggregationResult, Aggregator, check_float, check_int, result_from_flat
 from .matrix import UpdateMatrix
 from .registry import register
 
+logger = logging.getLogger(__name__)
+
 
 def coordinate_reduce(
-    matrix: UpdateMatrix, kernel: Any, *args: Any, rows: list[int] | None = None
+    matrix: UpdateMatrix, kernel: str, *args: Any, rows: list[int] | None = None
 ) -> np.ndarray:
-    """Run a per-coordinate kernel ``kernel(block, network, *args, out)`` over all blocks
+    """Run the compiled kernel named ``kernel`` (``kernel(block, network, *args, out)``,
+    see :mod:`._kernels`) over all blocks
     of the selected rows (all clients by default)."""
+    from . import _kernels  # lazy: numba loads on first use
+
     network = _kernels.sorting_network(matrix.n if rows is None else len(rows))
+    compiled = getattr(_kernels, kernel)
     out = np.empty(matrix.d, dtype=np.float32)
     for start, stop, block in matrix.blocks(rows):
-        kernel(block, network, *args, out[start:stop])
+        compiled(block, network, *args, out[start:stop])
     return out
 
 
@@ -54,7 +60,7 @@ class Median(Aggregator):
     def _aggregate(
         self, matrix: UpdateMatrix, num_examples: np.ndarray | None, client_ids: list[Any] | None
     ) -> AggregationResult:
-        flat = coordinate_reduce(matrix, _kernels.coordinate_median)
+        flat = coordinate_reduce(matrix, "coordinate_median")
         return result_from_flat(matrix, flat, range(matrix.n))
 
 
@@ -101,7 +107,13 @@ class TrimmedMean(Aggregator):
         self, matrix: UpdateMatrix, num_examples: np.ndarray | None, client_ids: list[Any] | None
     ) -> AggregationResult:
         trim = self.trimmed_per_side(matrix.n)
-        flat = coordinate_reduce(matrix, _kernels.coordinate_trimmed_mean, trim)
+        if trim == 0 and self.num_malicious is None:
+            logger.warning(
+                "trimmed_mean with trim_ratio=%g trims nothing with n=%d clients: it is a plain "
+                "mean; set num_malicious or a trim_ratio of at least %.3g",
+                self.trim_ratio, matrix.n, 1.0 / matrix.n,
+            )
+        flat = coordinate_reduce(matrix, "coordinate_trimmed_mean", trim)
         return result_from_flat(matrix, flat, range(matrix.n), info={"trimmed_per_side": trim})
 
 
@@ -138,7 +150,7 @@ class MeaMed(Aggregator):
         self, matrix: UpdateMatrix, num_examples: np.ndarray | None, client_ids: list[Any] | None
     ) -> AggregationResult:
         averaged = matrix.n - self.num_malicious
-        flat = coordinate_reduce(matrix, _kernels.coordinate_mean_around_median, averaged)
+        flat = coordinate_reduce(matrix, "coordinate_mean_around_median", averaged)
         return result_from_flat(
             matrix, flat, range(matrix.n), info={"averaged_per_coordinate": averaged}
         )

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from . import _kernels
 from .base import AggregationResult, Aggregator, check_int, result_from_flat
 from .coordinate import coordinate_reduce
 from .matrix import UpdateMatrix, squared_distances
@@ -200,7 +199,7 @@ class Bulyan(Aggregator):
         selected, scores = self.select(squared_distances(matrix.gram()))
         beta = len(selected) - 2 * f
         flat = coordinate_reduce(
-            matrix, _kernels.coordinate_mean_around_median, beta, rows=selected
+            matrix, "coordinate_mean_around_median", beta, rows=selected
         )
         return result_from_flat(
             matrix,

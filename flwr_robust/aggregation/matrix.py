@@ -276,6 +276,13 @@ class UpdateMatrix:
                         f"base layer {layer_index} has shape {np.shape(layer)}, expected {shape}"
                     )
             self._base = [_as_flat(layer, f"base layer {k}") for k, layer in enumerate(base)]
+        dtypes = [{layer.dtype for layer in column} for column in zip(*self._rows, strict=True)]
+        if self._base is not None:
+            for layer_dtypes, base_layer in zip(dtypes, self._base, strict=True):
+                layer_dtypes.add(base_layer.dtype)
+        #: Layers whose deltas are computed in float64 (see _fill_exact).
+        self._exact_layer = [kinds != {np.dtype(np.float32)} and self._base is not None
+                             for kinds in dtypes]
         sizes = [int(np.prod(shape, dtype=np.int64)) for shape in self.shapes]
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.n = len(self._rows)
@@ -351,6 +358,10 @@ class UpdateMatrix:
             hi = min(stop, int(offsets[layer + 1]))
             src = slice(lo - int(offsets[layer]), hi - int(offsets[layer]))
             target = block[:, lo - start : hi - start]
+            if self._exact_layer[layer] and block.dtype == np.float32:
+                self._fill_exact(target, selected, layer, src)
+                layer += 1
+                continue
             np.stack([self._rows[client][layer][src] for client in selected], out=target,
                      casting="unsafe")
             if self._base is not None:
@@ -362,6 +373,17 @@ class UpdateMatrix:
                     else:  # extra rows (already deltas) are not offset by the base
                         target[clients] -= self._base[layer][src]
             layer += 1
+
+    def _fill_exact(self, target: np.ndarray, selected: list[int], layer: int, src: slice) -> None:
+        """Deltas of a layer that is not float32 (integers, float64), subtracted in float64
+        before the float32 cast: casting first would lose what float32 cannot hold (an
+        int64 count of 2**40 + 1, a float64 step of 1e-9 on a weight of 1)."""
+        base = None if self._base is None else self._base[layer][src].astype(np.float64)
+        for position, client in enumerate(selected):
+            values = self._rows[client][layer][src].astype(np.float64)
+            if base is not None and client < self.n:
+                values -= base
+            target[position] = values
 
     # -------------------------------------------------------------- reductions
     def gram(self, *, centered: bool = True) -> np.ndarray:
@@ -484,6 +506,11 @@ class UpdateMatrix:
     ) -> None:
         for layer in range(len(self.shapes)):
             lo, hi = int(self._offsets[layer]), int(self._offsets[layer + 1])
+            if self._exact_layer[layer] and out.dtype == np.float32:  # see _fill_exact
+                exact = np.zeros(hi - lo)
+                self._accumulate_layer(layer, coefficients, base_weight, exact)
+                out[lo:hi] = exact
+                continue
             for start in range(0, hi - lo, COMBINE_CHUNK):
                 stop = min(hi - lo, start + COMBINE_CHUNK)
                 acc = torch.from_numpy(out[lo + start : lo + stop])
@@ -493,6 +520,16 @@ class UpdateMatrix:
                 if self._base is not None and base_weight:
                     base = torch.from_numpy(self._base[layer][start:stop])
                     acc.add_(base.to(dtype), alpha=base_weight)
+
+    def _accumulate_layer(
+        self, layer: int, coefficients: list[tuple[int, float]], base_weight: float,
+        out: np.ndarray,
+    ) -> None:
+        """One non-float32 layer of :meth:`combine`, in float64 from the native values."""
+        for row, weight in coefficients:
+            out += weight * self._rows[row][layer].astype(np.float64)
+        if self._base is not None and base_weight:
+            out += base_weight * self._base[layer].astype(np.float64)
 
     def row(self, index: int) -> np.ndarray:
         """One row as a new flat float32 vector."""

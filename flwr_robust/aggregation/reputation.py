@@ -128,7 +128,8 @@ class Reputation(Aggregator):
         flat = np.concatenate([layer.reshape(-1) for layer in update])
         distances = np.sqrt(matrix.squared_distances_to(flat))
         typical = float(np.median(distances))
-        return np.minimum(1.0, typical / np.maximum(distances, 1e-300))
+        near = distances <= typical  # also when the median distance is 0 (all at the aggregate)
+        return np.where(near, 1.0, typical / np.maximum(distances, 1e-300))
 
     def _aggregate(
         self, matrix: UpdateMatrix, num_examples: np.ndarray | None, client_ids: list[Any] | None

@@ -9,15 +9,16 @@ from typing import Any
 
 import numpy as np
 
-from . import _kernels
 from .base import AggregationResult, Aggregator, check_float, result_from_flat
 from .clipping import clip_factors
 from .matrix import UpdateMatrix, weighted_rows
 from .registry import register
+from .tiles import num_tiles
 
 logger = logging.getLogger(__name__)
 
 VARIANTS = ("faithful", "robust")
+
 
 
 @register
@@ -93,11 +94,13 @@ class RFOut1d(Aggregator):
         self, matrix: UpdateMatrix, replaced: np.ndarray
     ) -> Iterator[tuple[int, int, np.ndarray]]:
         """Blocks of the updates with outliers replaced; counts go to ``replaced``."""
+        from . import _kernels  # lazy: numba loads on first use
+
         network = _kernels.sorting_network(matrix.n)
         robust = self.variant == "robust"
         tile = 0
         for start, stop, block in matrix.blocks():
-            tiles = _kernels.num_tiles(stop - start)
+            tiles = num_tiles(stop - start)
             _kernels.replace_outliers(
                 block, network, self.threshold, robust, replaced[tile : tile + tiles]
             )
@@ -117,9 +120,7 @@ class RFOut1d(Aggregator):
                 math.sqrt(max(n - 1, 0)),
                 self.threshold,
             )
-        total_tiles = sum(
-            _kernels.num_tiles(stop - start) for start, stop in matrix.block_ranges(n)
-        )
+        total_tiles = sum(num_tiles(stop - start) for start, stop in matrix.block_ranges(n))
         replaced = np.zeros((total_tiles, n), dtype=np.int64)
         weights = np.full(n, 1.0 / n)
         if self.clip_norm is not None:

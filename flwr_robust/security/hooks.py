@@ -67,6 +67,7 @@ class SignGlobalModel(StrategyHook):
             server_round=server_round,
             arrays_digest=cached_digest(global_arrays),
             config=config,
+            instruction=purpose,
         )
         return dict(bundle.to_config())
 

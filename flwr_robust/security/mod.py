@@ -11,11 +11,14 @@ update digest and metrics (such as ``num-examples``), an evaluation reply's metr
 with run, round and the digest of the global model received, with the node's key. Both
 Flower message formats (Message API and legacy) are handled.
 
-Keys: the node config ``signing-key`` / ``server-public-key`` paths (deployment), else the
-run config ``keys-dir`` laid out by ``flwr-robust keys init`` (``server.pub``,
-``clients/client-<partition-id>.key``). A node whose node config names either key always
-verifies: the run config (which the server controls) cannot switch that off. Otherwise
-signing is on when the run config says ``signing = true``.
+Keys: the node config ``signing-key`` / ``server-public-key`` paths (deployment; both or
+neither), else the run config ``keys-dir`` laid out by ``flwr-robust keys init``
+(``server.pub``, ``clients/client-<partition-id>.key``). A node whose node config names its
+keys always verifies: the run config (which the server controls) can neither switch that off
+nor point it at another server key. Otherwise signing is on when the run config says
+``signing = true``. The signature binds the instruction's kind (a training instruction
+relabelled as an evaluation does not verify), the node's own run id, and each (round, kind)
+is carried out at most once (a replayed instruction is refused as ``stale-round``).
 
 No exception from a message's content escapes the mod: every problem becomes an error reply
 whose reason starts with a code (``malformed-instruction``, ``unexpected-records``,
@@ -52,6 +55,7 @@ from .keydir import KeyDir
 from .keys import PrivateKey, PublicKey, generate_private_key, load_private_key, load_public_key
 from .signing import (
     NO_ARRAYS_DIGEST,
+    PREFIX,
     SIGNATURE_RECORD,
     Purpose,
     SignatureBundle,
@@ -132,6 +136,12 @@ class Layout:
         _expect_records(content.array_records, arrays, "ArrayRecord")
         _expect_records(content.metric_records, metrics, "MetricRecord")
         _expect_records(content.config_records, configs, "ConfigRecord")
+        if not self.legacy:
+            reserved = [k for k in next(iter(content.metric_records.values()))
+                        if str(k).startswith(PREFIX)]
+            if reserved:
+                raise Refused(f"unsignable-reply: metric keys {reserved[:3]} use the prefix "
+                              f"{PREFIX!r} reserved for signatures")
 
     def attach(self, reply: Message, bundle: SignatureBundle) -> None:
         """Put the signature where the server's strategy reads it."""
@@ -162,6 +172,8 @@ def layout_of(message: Message) -> Layout | None:
     kind = str(message.metadata.message_type).split(".")[0]
     if kind not in (MessageType.TRAIN, MessageType.EVALUATE):
         return None
+    if not message.has_content():
+        raise Refused("unexpected-records: the instruction carries an error, no records")
     content = message.content
     arrays, configs = list(content.array_records), list(content.config_records)
     if len(arrays) != 1 or len(configs) != 1 or content.metric_records:
@@ -224,8 +236,12 @@ def node_keys(context: Context) -> NodeKeys | None:
     server = str(node.get("server-public-key", "") or "")
     if not (signing or server or context.run_config.get("signing", False)):
         return None
+    if bool(signing) != bool(server):  # the server key must never come from the run config
+        raise ValueError(
+            "node config names only one of 'signing-key' and 'server-public-key': give both"
+        )
     keys_dir = str(context.run_config.get("keys-dir", "") or "")
-    if (not signing or not server) and not keys_dir:
+    if not signing and not keys_dir:
         raise ValueError(
             "signing is on but neither node config 'signing-key'/'server-public-key' nor "
             "run config 'keys-dir' says where the keys are"
@@ -269,9 +285,10 @@ def _verify_instruction(message: Message, context: Context, keys: NodeKeys) -> _
     verdict = verify_global_model(
         keys.server_key,
         signature_fields(config),
-        run_id=int(message.metadata.run_id),
+        run_id=int(context.run_id),  # the node's own run, not what the message claims
         arrays_digest=received_digest,
         config=config,
+        instruction=layout.kind,
     )
     if not verdict.accepted or received_digest is None:
         raise Refused(f"{verdict.reason}: {verdict.detail}")
@@ -282,7 +299,14 @@ def _verify_instruction(message: Message, context: Context, keys: NodeKeys) -> _
         raise Refused(
             f"stale-round: signed for round {bundle.server_round}, this node saw {previous}"
         )
+    last_of_kind = int(seen.get(f"last-{layout.kind}", 0))
+    if bundle.server_round <= last_of_kind:
+        raise Refused(
+            f"stale-round: a {layout.kind} instruction of round {bundle.server_round} was "
+            "already carried out (replayed)"
+        )
     seen["last-round"] = bundle.server_round
+    seen[f"last-{layout.kind}"] = bundle.server_round
     message.content = RecordDict(
         {layout.arrays_key: arrays, layout.config_key: message.content[layout.config_key]}
     )

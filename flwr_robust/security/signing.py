@@ -76,9 +76,15 @@ _F64 = struct.Struct(">d")
 class Purpose(StrEnum):
     """What a signature is for; a signature for one purpose never verifies for another."""
 
-    GLOBAL_MODEL = "global-model"  # server -> client: model and config for training/evaluation
+    GLOBAL_MODEL = "global-model"  # server -> client: model and config for training
+    EVALUATION_MODEL = "evaluation-model"  # server -> client: model and config for evaluation
     UPDATE = "update"  # client -> server: reply to a training instruction
     EVALUATION = "evaluation"  # client -> server: reply to an evaluation instruction
+
+
+#: The purposes of server instructions, by instruction kind ("train", "evaluate"): a signed
+#: training instruction relabelled as an evaluation (or back) does not verify.
+INSTRUCTION_PURPOSES = {"train": Purpose.GLOBAL_MODEL, "evaluate": Purpose.EVALUATION_MODEL}
 
 
 def _encode_scalar(value: object, out: list[bytes]) -> None:
@@ -201,7 +207,7 @@ class Statement:
         if not isinstance(self.key_id, str) or not self.key_id:
             raise ValueError(f"key_id must be a non-empty str, got {self.key_id!r}")
         _check_digest("arrays_digest", self.arrays_digest)
-        if self.purpose is Purpose.GLOBAL_MODEL:
+        if self.purpose in INSTRUCTION_PURPOSES.values():
             if self.base_digest is not None:
                 raise ValueError("a global-model statement has no base digest")
         else:
@@ -339,12 +345,14 @@ def sign_global_model(
     server_round: int,
     arrays_digest: bytes,
     config: Mapping[str, Value],
+    instruction: str = "train",
 ) -> SignatureBundle:
-    """Sign the global model and config the server sends (``frs-*`` keys are not signed)."""
+    """Sign the global model and config the server sends for ``instruction`` (``"train"``
+    or ``"evaluate"``; ``frs-*`` keys are not signed)."""
     return sign_statement(
         private_key,
         Statement(
-            purpose=Purpose.GLOBAL_MODEL,
+            purpose=INSTRUCTION_PURPOSES[instruction],
             run_id=run_id,
             server_round=server_round,
             key_id=key_id(private_key),

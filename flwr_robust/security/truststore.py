@@ -27,6 +27,7 @@ or full key id only (:meth:`TrustStore.find`), never by a prefix.
 
 import hashlib
 import json
+import logging
 import os
 import stat
 from collections.abc import Iterable, Iterator
@@ -43,6 +44,8 @@ from flwr_robust.security.keys import (
     public_key_from_bytes,
     public_key_to_pem,
 )
+
+logger = logging.getLogger("flwr_robust")
 
 FORMAT = "flwr-robust-truststore"
 VERSION = 1
@@ -225,9 +228,20 @@ class TrustStore:
             raise TrustStoreError(f"{self.path}: cannot read the trust store: {exc}") from exc
         except MemoryError:
             raise TrustStoreError(f"{self.path}: out of memory loading the trust store") from None
-        self._entries = entries
+        self._entries = self._keep_revocations(entries)
         self._stat, self._content_hash = signature, content_hash
         return True
+
+    def _keep_revocations(self, entries: dict[str, TrustEntry]) -> dict[str, TrustEntry]:
+        """``entries`` with every key this store has seen revoked still revoked: a reload of
+        an older file (a restored backup) must never trust a revoked key again."""
+        for kid, old in self._entries.items():
+            new = entries.get(kid)
+            if old.revoked and new is not None and not new.revoked:
+                logger.warning("trust store: key %s (%s) was revoked before; it stays revoked",
+                               kid, old.name or "unnamed")
+                entries[kid] = replace(new, revoked=True, revoked_at=old.revoked_at)
+        return entries
 
     @staticmethod
     def _read(

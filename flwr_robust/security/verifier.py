@@ -27,6 +27,7 @@ from flwr_robust.security.digest import DIGEST_SIZE
 from flwr_robust.security.errors import MalformedSignatureError
 from flwr_robust.security.keys import PublicKey, algorithm_of, key_id, verify
 from flwr_robust.security.signing import (
+    INSTRUCTION_PURPOSES,
     Purpose,
     SignatureBundle,
     Value,
@@ -242,8 +243,10 @@ def verify_global_model(
     arrays_digest: bytes | None,
     config: Mapping[str, Value],
     server_round: int | None = None,
+    instruction: str = "train",
 ) -> Verdict:
-    """Client side: check the server's signature over the received model and config.
+    """Client side: check the server's signature over the received model and config of an
+    ``instruction`` (``"train"`` or ``"evaluate"``: one does not verify as the other).
 
     ``config`` is the received config map (``frs-*`` keys are ignored); ``server_round``, when
     given, must equal the signed round. The signed round is authenticated but its freshness is
@@ -251,7 +254,8 @@ def verify_global_model(
     server, whose ``replayed-round``/``stale-base`` checks reject the resulting update.
     """
     try:
-        bundle, encoded = _parse(signature, Purpose.GLOBAL_MODEL, arrays_digest, config)
+        purpose = INSTRUCTION_PURPOSES[instruction]
+        bundle, encoded = _parse(signature, purpose, arrays_digest, config)
         expected = key_id(server_public_key)
         if bundle.key_id != expected:
             raise _Rejected(

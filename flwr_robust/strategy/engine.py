@@ -317,8 +317,10 @@ class HookPipeline:
             return reply.error
         if reply.arrays is None:
             return reason("missing-arrays", "reply carries no model arrays")
-        return check_arrays(reply.arrays, global_arrays) or check_num_examples(
-            reply.num_examples, self.max_num_examples
+        return (
+            check_arrays(reply.arrays, global_arrays)
+            or check_num_examples(reply.num_examples, self.max_num_examples)
+            or check_metrics(reply.metrics)
         )
 
     def _evaluation_problem(self, reply: ClientReply) -> str | None:
@@ -449,7 +451,7 @@ class RobustAggregation(HookPipeline):
         )
         with np.errstate(over="ignore", invalid="ignore"):
             new_arrays = {
-                name: (base_layer + delta).astype(base_layer.dtype, copy=False)
+                name: apply_delta(base_layer, delta)
                 for name, base_layer, delta in zip(names, base, result.update, strict=True)
             }
         report.aggregated = True
@@ -462,6 +464,17 @@ class RobustAggregation(HookPipeline):
             report.scores = {valid[i].node_id: float(s) for i, s in enumerate(result.scores)}
         report.info = dict(result.info)
         return new_arrays
+
+
+def apply_delta(base: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """``base + delta`` in ``base``'s dtype: computed in float64 for other dtypes than
+    float32 (integer layers rounded to the nearest integer, not truncated)."""
+    if base.dtype == np.float32:
+        return base + delta
+    total = base.astype(np.float64) + delta
+    if base.dtype.kind in "iub":
+        total = np.rint(total)
+    return total.astype(base.dtype)
 
 
 def all_finite(arrays: Mapping[str, np.ndarray]) -> bool:

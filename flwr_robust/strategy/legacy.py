@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from flwr.common import (
     EvaluateIns,
@@ -17,8 +16,10 @@ from flwr.common import (
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
+from flwr.server.strategy.aggregate import weighted_loss_avg
 
 from ._common import RobustStrategyMixin, rule_strategies
+from .metrics import conforming
 from .rounds import LegacyRounds
 
 logger = logging.getLogger("flwr_robust")
@@ -96,11 +97,14 @@ class RobustStrategy(RobustStrategyMixin, FedAvg):
         metrics: dict[str, Scalar] = {}
         kept = set(report.kept)
         if self.fit_metrics_aggregation_fn is not None:
-            kept_metrics = [
-                (results[r.source][1].num_examples, results[r.source][1].metrics)
-                for r in replies if r.node_id in kept and r.source is not None
-            ]
-            metrics = _safe_call(self.fit_metrics_aggregation_fn, kept_metrics)
+            kept_results = [results[r.source][1] for r in replies
+                            if r.node_id in kept and r.source is not None]
+            positions, kept_metrics = conforming([res.metrics for res in kept_results])
+            if positions:
+                metrics = dict(self.fit_metrics_aggregation_fn(
+                    [(kept_results[i].num_examples, m)
+                     for i, m in zip(positions, kept_metrics, strict=True)]
+                ))
         metrics.update(report.metrics())
         return parameters, metrics
 
@@ -125,22 +129,22 @@ class RobustStrategy(RobustStrategyMixin, FedAvg):
     ) -> tuple[float | None, dict[str, Scalar]]:
         """FedAvg's weighted loss over the evaluation results that pass validation and the
         hooks (duplicates, unsampled nodes, non-finite losses and forged results are left
-        out, with the reason logged)."""
+        out, with the reason logged); the metrics function sees the results whose metrics
+        conform to the round's layout (see :mod:`.metrics`)."""
         global_arrays, replies, sampled = self.rounds.take_evaluation(server_round, results)
         valid, _ = self.engine.screen_evaluation(server_round, global_arrays, replies, sampled)
         if not valid:
             return None, {}
-        kept = [results[r.source] for r in valid if r.source is not None]
-        return super().aggregate_evaluate(server_round, kept, failures)
-
-
-def _safe_call(aggregate_fn: Any, metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
-    """User metric aggregation that must not crash the round on hostile metrics."""
-    try:
-        return dict(aggregate_fn(metrics))
-    except (ValueError, TypeError, KeyError, ZeroDivisionError) as exc:
-        logger.warning("client metrics could not be aggregated (%s); reporting none", exc)
-        return {}
+        kept = [results[r.source][1] for r in valid if r.source is not None]
+        loss = weighted_loss_avg([(res.num_examples, res.loss) for res in kept])
+        metrics: dict[str, Scalar] = {}
+        if self.evaluate_metrics_aggregation_fn is not None:
+            positions, maps = conforming([res.metrics for res in kept])
+            if positions:
+                metrics = dict(self.evaluate_metrics_aggregation_fn(
+                    [(kept[i].num_examples, m) for i, m in zip(positions, maps, strict=True)]
+                ))
+        return loss, metrics
 
 
 # One subclass per rule (``class Krum(RobustStrategy): rule = "krum"``), see RULE_STRATEGIES.

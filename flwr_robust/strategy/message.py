@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from ._common import RobustStrategyMixin, rule_strategies
+from .metrics import conforming_contents
 from .rounds import MessageRounds
 
 logger = logging.getLogger("flwr_robust")
@@ -87,7 +88,9 @@ class RobustStrategy(RobustStrategyMixin, FedAvg):
             messages[r.source].content for r in client_replies
             if r.node_id in kept and r.source is not None
         ]
-        metrics = _safe_metrics(self.train_metrics_aggr_fn, kept_contents, self.weighted_by_key)
+        metrics = _aggregated_metrics(
+            self.train_metrics_aggr_fn, kept_contents, self.weighted_by_key
+        )
         metrics.update(report.metrics())
         return arrays, metrics
 
@@ -118,23 +121,22 @@ class RobustStrategy(RobustStrategyMixin, FedAvg):
         if not valid:
             return None
         contents = [messages[r.source].content for r in valid if r.source is not None]
-        metrics = _safe_metrics(self.evaluate_metrics_aggr_fn, contents, self.weighted_by_key)
+        metrics = _aggregated_metrics(
+            self.evaluate_metrics_aggr_fn, contents, self.weighted_by_key
+        )
         metrics.update(report.metrics())
         return metrics
 
 
-def _safe_metrics(
+def _aggregated_metrics(
     aggregate_fn: Any, contents: list[RecordDict], weighted_by_key: str
 ) -> MetricRecord:
-    """``aggregate_fn(contents, key)``, or an empty record when replies' metrics disagree
-    (different keys or list lengths must not crash the round)."""
-    if not contents:
+    """``aggregate_fn`` over the replies whose metrics conform to the round's layout (see
+    :mod:`.metrics`); exceptions of the function itself propagate, as in Flower."""
+    _, consistent = conforming_contents(contents)
+    if not consistent:
         return MetricRecord()
-    try:
-        return aggregate_fn(contents, weighted_by_key)
-    except (ValueError, TypeError, KeyError, ZeroDivisionError) as exc:
-        logger.warning("client metrics could not be aggregated (%s); reporting none", exc)
-        return MetricRecord()
+    return aggregate_fn(consistent, weighted_by_key)
 
 
 # One subclass per rule (``class Krum(RobustStrategy): rule = "krum"``), see RULE_STRATEGIES.

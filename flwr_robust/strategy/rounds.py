@@ -26,6 +26,7 @@ from flwr.server.client_proxy import ClientProxy
 
 from ..records import MalformedArray, arrayrecord_views, tensor_views
 from ..security.signing import (
+    PREFIX,
     SIGNATURE_RECORD,
     legacy_reply_content,
     signature_fields,
@@ -255,6 +256,8 @@ def read_reply(
         if problem is not None:
             return ClientReply(node_id, error=problem, source=index)
         metrics = dict(next(iter(content.metric_records.values())))
+        if (problem := _reserved_metric_problem(metrics)) is not None:
+            return ClientReply(node_id, error=problem, source=index)
         arrays = arrayrecord_views(next(iter(content.array_records.values())))
         return ClientReply(
             node_id,
@@ -285,6 +288,8 @@ def read_evaluate_reply(
         if problem is not None:
             return ClientReply(node_id, error=problem, source=index)
         metrics = dict(next(iter(content.metric_records.values())))
+        if (problem := _reserved_metric_problem(metrics)) is not None:
+            return ClientReply(node_id, error=problem, source=index)
         return ClientReply(
             node_id,
             num_examples=metrics.get(weighted_by_key),
@@ -305,6 +310,16 @@ def _record_count_problem(content: RecordDict, array_records: int | None) -> str
     for kind, records, count in expected:
         if len(records) != count:
             return reason("malformed-reply", f"{len(records)} {kind}s, expected {count}")
+    return None
+
+
+def _reserved_metric_problem(metrics: dict[str, Any]) -> str | None:
+    """Message-API metrics may not use the ``frs-`` prefix: signatures travel in the ``frs``
+    ConfigRecord, and metrics under that prefix would be left out of the signed content."""
+    reserved = sorted(k for k in metrics if str(k).startswith(PREFIX))
+    if reserved:
+        return reason("malformed-reply", f"metric keys {reserved[:3]} use the reserved prefix "
+                      f"{PREFIX!r}")
     return None
 
 
@@ -368,11 +383,15 @@ def read_evaluate_result(
             return ClientReply(
                 node_id, error=reason("error-reply", _text(res.status.message)), source=index
             )
+        loss = res.loss
+        if isinstance(loss, bool) or not isinstance(loss, int | float):
+            return ClientReply(node_id, error=reason(
+                "malformed-reply", f"loss {loss!r:.40} is not a number"), source=index)
         raw = dict(res.metrics)
         return ClientReply(
             node_id,
             num_examples=res.num_examples,
-            metrics={**strip_signature(raw), "num-examples": res.num_examples, "loss": res.loss},
+            metrics={**strip_signature(raw), "num-examples": res.num_examples, "loss": loss},
             signature=signature_fields(raw) or None,
             signed=legacy_reply_content(res.num_examples, raw, loss=res.loss),
             source=index,

@@ -36,6 +36,7 @@ from ..records import arrayrecord_views, tensor_views
 from ..validation import DEFAULT_MAX_NUM_EXAMPLES, reason
 from .engine import ClientReply, HookPipeline, RoundReport
 from .hooks import StrategyHook
+from .metrics import conforming_messages, conforming_results
 from .rounds import LegacyRounds, MessageRounds
 
 
@@ -66,8 +67,9 @@ class _Forwarding:
 class HookedStrategy(_Forwarding, Strategy):
     """A Message-API strategy with flwr-robust hooks around it (see :func:`with_hooks`).
 
-    The wrapped strategy receives exactly the reply objects that passed validation and the
-    hooks (never another reply that shares a node id). Its own ``weighted_by_key`` is the
+    The wrapped strategy receives the replies that passed validation and the hooks (never
+    another reply that shares a node id) and whose metrics conform to the round's majority
+    layout, as copies restricted to it (see :mod:`.metrics`). Its own ``weighted_by_key`` is the
     example count that replies are validated on. Attributes the wrapper does not define
     (``fraction_train``, ...) are read from the wrapped strategy.
     """
@@ -112,10 +114,8 @@ class HookedStrategy(_Forwarding, Strategy):
         )
         report = RoundReport(server_round, type(self.strategy).__name__, len(messages))
         passed = self.pipeline.screen(global_arrays, client_replies, report, sampled)
-        passed = _consistent(messages, passed, report)
-        arrays, metrics = self.strategy.aggregate_train(
-            server_round, _forwarded(messages, passed)
-        )
+        passed, forwarded = _conforming_messages(messages, passed, report)
+        arrays, metrics = self.strategy.aggregate_train(server_round, forwarded)
         report.kept = sorted(r.node_id for r in passed)
         report.aggregated = arrays is not None
         self.pipeline.finish(report, None if arrays is None else arrayrecord_views(arrays), started)
@@ -143,8 +143,8 @@ class HookedStrategy(_Forwarding, Strategy):
             server_round, global_arrays, client_replies, sampled,
             rule=type(self.strategy).__name__,
         )
-        valid = _consistent(messages, valid, report)
-        return self.strategy.aggregate_evaluate(server_round, _forwarded(messages, valid))
+        _, forwarded = _conforming_messages(messages, valid, report)
+        return self.strategy.aggregate_evaluate(server_round, forwarded)
 
 
 class HookedLegacyStrategy(_Forwarding, LegacyStrategy):
@@ -187,9 +187,8 @@ class HookedLegacyStrategy(_Forwarding, LegacyStrategy):
         global_arrays, replies, _, sampled = self.rounds.take(server_round, results, failures)
         report = RoundReport(server_round, type(self.strategy).__name__, len(replies))
         passed = self.pipeline.screen(global_arrays, replies, report, sampled)
-        parameters, metrics = self.strategy.aggregate_fit(
-            server_round, _forwarded(results, passed), failures
-        )
+        passed, forwarded = _conforming_results(results, passed, report)
+        parameters, metrics = self.strategy.aggregate_fit(server_round, forwarded, failures)
         report.kept = sorted(r.node_id for r in passed)
         report.aggregated = parameters is not None
         new = None
@@ -211,52 +210,49 @@ class HookedLegacyStrategy(_Forwarding, LegacyStrategy):
 
     def aggregate_evaluate(self, server_round: int, results: list, failures: list) -> Any:
         global_arrays, replies, sampled = self.rounds.take_evaluation(server_round, results)
-        valid, _ = self.pipeline.screen_evaluation(
+        valid, report = self.pipeline.screen_evaluation(
             server_round, global_arrays, replies, sampled, rule=type(self.strategy).__name__
         )
-        return self.strategy.aggregate_evaluate(
-            server_round, _forwarded(results, valid), failures
-        )
+        _, forwarded = _conforming_results(results, valid, report)
+        return self.strategy.aggregate_evaluate(server_round, forwarded, failures)
 
     def evaluate(self, server_round: int, parameters: Parameters) -> Any:
         return self.strategy.evaluate(server_round, parameters)
 
 
-def _consistent(
-    messages: Sequence[Message], passed: list[ClientReply], report: RoundReport
+def _in_order(passed: Sequence[ClientReply]) -> list[ClientReply]:
+    return sorted((r for r in passed if r.source is not None), key=lambda r: r.source)
+
+
+def _drop_nonconforming(
+    passed: list[ClientReply], positions: list[int], report: RoundReport
 ) -> list[ClientReply]:
-    """The replies of the round's largest group that share record names and metric keys.
-
-    Flower's Message-API strategies refuse (raise for) a round whose replies differ in the
-    names of their records or in the keys of their MetricRecords, so one client sending an
-    extra metric would void everybody's round. The other groups are rejected
-    (``inconsistent-reply``); between groups of equal size the one with the smallest
-    signature (record names, keys) wins, whoever sent it first.
-    """
-
-    def signature(reply: ClientReply) -> tuple[Any, ...]:
-        content = messages[reply.source].content  # type: ignore[index]
-        (metrics_name, metrics), = content.metric_records.items()
-        return (tuple(content.array_records), metrics_name, tuple(sorted(metrics)))
-
-    if len(passed) < 2:
-        return passed
-    groups: dict[tuple[Any, ...], list[ClientReply]] = {}
-    for reply in passed:
-        groups.setdefault(signature(reply), []).append(reply)
-    best = min(groups, key=lambda key: (-len(groups[key]), repr(key)))
-    for key, members in groups.items():
-        if key != best:
-            for reply in members:
-                report.rejected[reply.node_id] = reason(
-                    "inconsistent-reply",
-                    f"records/metric keys {key} differ from the round's {best} (Flower's "
-                    "strategies refuse rounds of mixed replies)",
-                )
-    return groups[best]
+    """The replies at ``positions``; the others are rejected as ``inconsistent-reply``."""
+    keep = set(positions)
+    for position, reply in enumerate(passed):
+        if position not in keep:
+            report.rejected[reply.node_id] = reason(
+                "inconsistent-reply",
+                "its metrics lack a metric, or hold one in another form, that most replies "
+                "carry (Flower's strategies refuse rounds of mixed replies)",
+            )
+    return [passed[i] for i in positions]
 
 
-def _forwarded(items: Sequence[Any], passed: Sequence[ClientReply]) -> list[Any]:
-    """The original replies (messages or legacy results) that ``passed`` were read from,
-    in their original order."""
-    return [items[i] for i in sorted(r.source for r in passed if r.source is not None)]
+def _conforming_messages(
+    messages: Sequence[Message], passed: Sequence[ClientReply], report: RoundReport
+) -> tuple[list[ClientReply], list[Message]]:
+    """The passed replies whose metrics conform (see :mod:`.metrics`) and the copies of
+    their messages to forward, in the original order."""
+    ordered = _in_order(passed)
+    positions, copies = conforming_messages([messages[r.source] for r in ordered])
+    return _drop_nonconforming(ordered, positions, report), copies
+
+
+def _conforming_results(
+    results: Sequence[Any], passed: Sequence[ClientReply], report: RoundReport
+) -> tuple[list[ClientReply], list[Any]]:
+    """Like :func:`_conforming_messages` for legacy results."""
+    ordered = _in_order(passed)
+    positions, copies = conforming_results([results[r.source] for r in ordered])
+    return _drop_nonconforming(ordered, positions, report), copies
