@@ -158,9 +158,19 @@ def reference_time(updates: list[list[np.ndarray]], repeats: int) -> float:
     return measure(lambda: stacked.sum(axis=0), repeats + 2)
 
 
+def warm_up(n: int, f: int) -> None:
+    """Every rule once on a small input, before any large array exists: imports (lazy:
+    numba, scikit-learn, torch) and JIT compilation happen here, and the allocator state
+    the timings run in does not depend on which rule first imported what."""
+    small = make_updates(n, 4096, seed=2)
+    for label in RULES:
+        rule_call(label, f, small)()
+
+
 def run_main(
     n: int, d: int, f: int, repeats: int, with_flower: bool, with_memory: bool = True
 ) -> bool:
+    warm_up(n, f)
     updates = make_updates(n, d)
     size = 4 * n * d
     reference = reference_time(updates, repeats)
