@@ -115,7 +115,7 @@ def signing_costs(repeats: int, algorithm: str) -> tuple[float, float]:
 def demo_round_seconds(clients: int, rounds: int = 4) -> float:
     """Mean duration of the rounds after the first of a real demo run with signing on."""
     from flwr_robust.cli import main as cli_main
-    from flwr_robust.launch import flwr_run
+    from flwr_robust.runtime.launch import flwr_run
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -138,8 +138,8 @@ def integrity_seconds_per_round(clients: int, repeats: int) -> tuple[float, floa
     path (clients work in parallel, one per core), and the model size."""
     from flwr_robust.apps.server import build_global_model
     from flwr_robust.apps.settings import RunSettings
-    from flwr_robust.data import load_dataset
-    from flwr_robust.models import get_named_weights
+    from flwr_robust.task.data import load_dataset
+    from flwr_robust.task.models import get_named_weights
 
     settings = RunSettings()
     model = get_named_weights(build_global_model(settings, load_dataset("digits")[1]))

@@ -12,8 +12,9 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from flwr_robust import demo, deploy_cli, ops_cli
 from flwr_robust.experiments import cli as experiment_cli
+from flwr_robust.ops import cli as ops_cli
+from flwr_robust.runtime import demo, deploy_cli
 from flwr_robust.security import cli as keys_cli
 
 AddParser = Callable[

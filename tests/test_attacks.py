@@ -21,7 +21,7 @@ from flwr_robust.attacks import (
     get_attack,
     ipm_delta,
 )
-from flwr_robust.data import Dataset
+from flwr_robust.task.data import Dataset
 
 SHAPES = [(20, 30), (30,), (4, 5)]
 

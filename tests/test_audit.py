@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flwr_robust.audit import (
+from flwr_robust.cli import main
+from flwr_robust.ops.anomaly import AnomalyDetectionHook
+from flwr_robust.ops.audit import (
     GENESIS_HASH,
     AuditError,
     AuditLog,
@@ -16,9 +18,7 @@ from flwr_robust.audit import (
     entry_hash,
     verify_audit_log,
 )
-from flwr_robust.checkpoint import RollbackEvent
-from flwr_robust.cli import main
-from flwr_robust.detection import AnomalyDetectionHook
+from flwr_robust.ops.checkpoint import RollbackEvent
 from flwr_robust.security.digest import digest_arrays
 from flwr_robust.strategy.engine import RoundReport
 

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 from flwr_robust.aggregation import get_aggregator
-from flwr_robust.audit import AuditLog, verify_audit_log
-from flwr_robust.checkpoint import (
+from flwr_robust.cli import main
+from flwr_robust.ops.audit import AuditLog, verify_audit_log
+from flwr_robust.ops.checkpoint import (
     CheckpointError,
     CheckpointHook,
     CheckpointStore,
     RollbackEvent,
     resume_state,
 )
-from flwr_robust.cli import main
 from flwr_robust.security.digest import digest_arrays
 from flwr_robust.strategy.engine import ClientReply, RobustAggregation, RoundReport
 

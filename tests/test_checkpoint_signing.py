@@ -12,13 +12,13 @@ import pytest
 
 from flwr_robust.apps.server import Operations, integrity_hooks
 from flwr_robust.apps.settings import RunSettings
-from flwr_robust.checkpoint import (
+from flwr_robust.cli import main
+from flwr_robust.ops.checkpoint import (
     CheckpointError,
     CheckpointHook,
     CheckpointStore,
     resume_state,
 )
-from flwr_robust.cli import main
 from flwr_robust.security import keys
 from flwr_robust.security.digest import digest_arrays
 from tests.test_checkpoint import Driver, model

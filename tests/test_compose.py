@@ -4,7 +4,7 @@ Nothing here runs Docker. The files are parsed, validated against the Compose
 specification's JSON schema, merged the way Compose merges ``-f`` overlays (for the keys
 they use), and checked against the package: Flower version pins, every command line
 against the installed Flower's own argument parsers, ports, node configs against
-:class:`flwr_robust.deploy.NodeSpec`, key and certificate mounts against the layouts the
+:class:`flwr_robust.runtime.deploy.NodeSpec`, key and certificate mounts against the layouts the
 ``flwr-robust deploy`` helpers write and the client mod reads, and the demo run config
 against ``[tool.flwr.app.config]``.
 """
@@ -28,13 +28,13 @@ from flwr.supercore.cli.flower_superexec import _parse_args as superexec_parser
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink as superlink_parser
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode as supernode_parser
 
-from flwr_robust import deploy
 from flwr_robust.aggregation import get_aggregator
 from flwr_robust.apps.client import ROLES
 from flwr_robust.apps.settings import RunSettings
 from flwr_robust.attacks import available_attacks
 from flwr_robust.cli import build_parser
-from flwr_robust.deploy import (
+from flwr_robust.runtime import deploy
+from flwr_robust.runtime.deploy import (
     AuthKeys,
     DeploymentKeys,
     NodeKeyPaths,

@@ -1,4 +1,4 @@
-"""Tests for flwr_robust.data: loaders, the IDX reader and the partitioners."""
+"""Tests for flwr_robust.task.data: loaders, the IDX reader and the partitioners."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flwr_robust import data as data_module
-from flwr_robust.data import (
+from flwr_robust.task import data as data_module
+from flwr_robust.task.data import (
     FASHION_MNIST_DIR,
     Dataset,
     load_dataset,

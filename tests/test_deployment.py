@@ -1,4 +1,4 @@
-"""Flower's deployment runtime as real processes on 127.0.0.1 (``flwr_robust.deploy``).
+"""Flower's deployment runtime as real processes on 127.0.0.1 (``flwr_robust.runtime.deploy``).
 
 One deployment serves the first four tests: a SuperLink and four SuperNodes, signing on,
 two rounds through ``flwr run``. Partitions 0 and 1 are honest, partition 2 is Byzantine
@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 
 from flwr_robust.cli import main as cli_main
-from flwr_robust.deploy import (
+from flwr_robust.runtime.deploy import (
     STATE_FILE,
     LocalDeployment,
     NodeSpec,
     process_alive,
     tagged_processes,
 )
-from flwr_robust.launch import RunOutcome
+from flwr_robust.runtime.launch import RunOutcome
 
 pytestmark = pytest.mark.deployment
 

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from flwr_robust.aggregation import get_aggregator
-from flwr_robust.detection import anomaly
-from flwr_robust.detection.anomaly import AnomalyDetectionHook
+from flwr_robust.ops import AnomalyDetectionHook, anomaly
 from flwr_robust.strategy.engine import ClientReply, RobustAggregation, RoundReport
 
 LAYERS = {"w": (6, 5), "b": (5,)}

@@ -16,7 +16,7 @@ import pytest
 from flwr_robust.cli import main as cli_main
 from flwr_robust.experiments import grid, report, runner
 from flwr_robust.experiments.grid import ConfigError, parse_config
-from flwr_robust.launch import RunOutcome
+from flwr_robust.runtime.launch import RunOutcome
 
 BASE = """
 [experiment]

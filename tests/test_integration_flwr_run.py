@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flwr_robust.cli import main as cli_main
-from flwr_robust.launch import flwr_run
+from flwr_robust.runtime.launch import flwr_run
 
 pytestmark = pytest.mark.integration
 

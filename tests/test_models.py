@@ -1,4 +1,4 @@
-"""Tests for flwr_robust.models: construction, determinism and weight conversion."""
+"""Tests for flwr_robust.task.models: construction, determinism and weight conversion."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from flwr_robust.models import (
+from flwr_robust.task.models import (
     build_model,
     default_model,
     get_named_weights,

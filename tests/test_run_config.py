@@ -21,7 +21,7 @@ from flwr_robust.aggregation.preaggregation import pre_aggregation_class
 from flwr_robust.apps.settings import RunSettings
 from flwr_robust.attacks import attack_class, available_attacks
 from flwr_robust.config import coerce, config_key
-from flwr_robust.detection import AnomalyDetectionHook
+from flwr_robust.ops.anomaly import AnomalyDetectionHook
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 CONFIG = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]

@@ -11,10 +11,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity
 from prometheus_client.parser import text_string_to_metric_families
 
-from flwr_robust.checkpoint import RollbackEvent
-from flwr_robust.detection import AnomalyDetectionHook
+from flwr_robust.ops.anomaly import AnomalyDetectionHook
+from flwr_robust.ops.checkpoint import RollbackEvent
+from flwr_robust.ops.telemetry import PrometheusHook, reason_label
 from flwr_robust.strategy import Median, RoundReport
-from flwr_robust.telemetry import PrometheusHook, reason_label
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Tests for flwr_robust.training: learning, determinism, evaluation and prediction."""
+"""Tests for flwr_robust.task.training: learning, determinism, evaluation and prediction."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from flwr_robust.data import Dataset, load_dataset
-from flwr_robust.models import build_model, get_weights
-from flwr_robust.training import evaluate, predict, train
+from flwr_robust.task.data import Dataset, load_dataset
+from flwr_robust.task.models import build_model, get_weights
+from flwr_robust.task.training import evaluate, predict, train
 
 
 @pytest.fixture(autouse=True)

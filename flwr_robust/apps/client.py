@@ -20,10 +20,10 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.client import Client, NumPyClient
 
 from ..attacks import Attack, AttackContext, attack_params_from_config, get_attack
-from ..data import load_partition
-from ..models import get_named_weights, set_weights
 from ..records import arrayrecord_views
-from ..training import evaluate, train
+from ..task.data import load_partition
+from ..task.models import get_named_weights, set_weights
+from ..task.training import evaluate, train
 from .server import build_global_model
 from .settings import RunSettings, cell_run_config
 

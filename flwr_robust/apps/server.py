@@ -30,17 +30,17 @@ from flwr.serverapp import Grid
 from .. import make_strategy
 from ..aggregation import get_aggregator
 from ..attacks import Backdoor, OmniscientAttackHook, attack_class, attack_params_from_config
-from ..audit import AuditLog
-from ..checkpoint import CheckpointHook, CheckpointStore, resume_state
 from ..config import kwargs_from_config
-from ..data import Dataset, load_dataset
-from ..detection import AnomalyDetectionHook
-from ..models import build_model, default_model, get_named_weights, set_weights
+from ..ops.anomaly import AnomalyDetectionHook
+from ..ops.audit import AuditLog
+from ..ops.checkpoint import CheckpointHook, CheckpointStore, resume_state
+from ..ops.telemetry import PrometheusHook
 from ..security import KeyDir, TrustStore, load_private_key
 from ..security.hooks import SignGlobalModel, VerifyUpdateSignatures
 from ..strategy import RobustAggregation, StrategyHook
-from ..telemetry import PrometheusHook
-from ..training import evaluate, predict
+from ..task.data import Dataset, load_dataset
+from ..task.models import build_model, default_model, get_named_weights, set_weights
+from ..task.training import evaluate, predict
 from .settings import RunSettings, cell_run_config, parse_cells
 
 logger = logging.getLogger("flwr_robust")

@@ -15,9 +15,9 @@ import numpy as np
 from ..aggregation import aggregator_class, aggregator_factories
 from ..attacks import attack_class
 from ..config import kwargs_from_config
-from ..data import DATASETS, PARTITIONERS
-from ..detection import MODES
+from ..ops.anomaly import MODES
 from ..strategy import APIS
+from ..task.data import DATASETS, PARTITIONERS
 
 
 @lru_cache(maxsize=8)

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..aggregation.registry import canonical_name
 from ..config import keyword_parameters, kwargs_from_config
-from ..data import Dataset
+from ..task.data import Dataset
 
 __all__ = [
     "Attack",

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..aggregation.base import check_float, check_int
-from ..data import Dataset
+from ..task.data import Dataset
 from .base import Attack, AttackContext, Layers, register, scaled
 
 __all__ = ["Backdoor", "LabelFlip", "apply_trigger", "attack_success_rate"]
@@ -106,7 +106,7 @@ def attack_success_rate(
     ----------
     predict_fn : callable
         Maps images (N, C, H, W) to predicted labels (N,), e.g.
-        ``lambda x: flwr_robust.training.predict(model, x)``.
+        ``lambda x: flwr_robust.task.training.predict(model, x)``.
     test : Dataset
         Clean test data; samples whose true class is ``target`` are left out.
     target : int

@@ -77,7 +77,7 @@ from ..attacks import (
     get_attack,
 )
 from ..config import config_key, keyword_parameters
-from ..launch import APP_DIR
+from ..runtime.launch import APP_DIR
 
 #: Run-config keys set per cell by the grid; no table may set them (except as noted).
 GRID_KEYS = (

@@ -32,7 +32,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..launch import RunOutcome, flwr_run
+from ..runtime.launch import RunOutcome, flwr_run
 from .grid import Cell, ExperimentConfig
 from .report import read_jsonl, run_metrics
 

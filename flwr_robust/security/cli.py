@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from flwr_robust.security.keydir import KeyDir, check_client_name
+from flwr_robust.security.keydir import KeyDir, check_client_name, init_key_dir, make_key_dirs
 from flwr_robust.security.keys import (
     ALGORITHMS,
     DEFAULT_ALGORITHM,
@@ -84,39 +84,11 @@ def _add_algorithm(parser: argparse.ArgumentParser, suffix: str = "") -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
-    layout = KeyDir(args.dir)
-    if args.clients < 0:
-        raise ValueError(f"--clients must be >= 0, got {args.clients}")
-    names = [f"client-{i}" for i in range(args.clients)]
-    targets = [layout.server_key, layout.server_pub, layout.truststore]
-    targets += [path for n in names for path in (layout.client_key(n), layout.client_pub(n))]
-    existing = [str(path) for path in targets if path.exists()]
-    if existing and not args.force:
-        raise ValueError(
-            f"refusing to overwrite {len(existing)} existing file(s), e.g. {existing[0]} "
-            "(use --force)"
-        )
-    _make_dirs(layout)
-    server = generate_private_key(args.algorithm)
-    save_private_key(server, layout.server_key)
-    save_public_key(server, layout.server_pub)
-    store = TrustStore()
-    for name in names:
-        client = generate_private_key(args.algorithm)
-        save_private_key(client, layout.client_key(name))
-        save_public_key(client, layout.client_pub(name))
-        store.add(client.public_key(), name)
-    store.save(layout.truststore)
+    layout, server = init_key_dir(args.dir, args.clients, args.algorithm, args.force)
     print(f"server key {key_id(server)} ({args.algorithm}): {layout.server_key}")
-    print(f"{len(names)} client key(s) in {layout.clients}, trust store {layout.truststore}")
+    print(f"{args.clients} client key(s) in {layout.clients}, trust store {layout.truststore}")
     _warn_permissions(layout)
     return 0
-
-
-def _make_dirs(layout: KeyDir) -> None:
-    """Create the directory and ``clients/`` if missing, never group- or world-writable."""
-    layout.root.mkdir(mode=0o755, parents=True, exist_ok=True)
-    layout.clients.mkdir(mode=0o755, exist_ok=True)
 
 
 def _warn_permissions(layout: KeyDir) -> None:
@@ -155,7 +127,7 @@ def _add(args: argparse.Namespace) -> int:
             raise ValueError(f"refusing to overwrite existing key file {paths[0]}")
         private = generate_private_key(args.algorithm)
         entry = store.add(private.public_key(), name)
-        _make_dirs(layout)
+        make_key_dirs(layout)
         save_private_key(private, paths[0])
         save_public_key(private, paths[1])
     store.save()

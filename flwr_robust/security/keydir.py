@@ -21,6 +21,15 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from flwr_robust.security.keys import (
+    DEFAULT_ALGORITHM,
+    PrivateKey,
+    generate_private_key,
+    save_private_key,
+    save_public_key,
+)
+from flwr_robust.security.truststore import TrustStore
+
 _CLIENT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -91,3 +100,41 @@ class KeyDir:
                     f"trust entries; run 'chmod go-w {path}'"
                 )
         return warnings
+
+
+def make_key_dirs(layout: KeyDir) -> None:
+    """Create the directory and ``clients/`` if missing, never group- or world-writable."""
+    layout.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+    layout.clients.mkdir(mode=0o755, exist_ok=True)
+
+
+def init_key_dir(
+    directory: str | Path, clients: int, algorithm: str = DEFAULT_ALGORITHM, force: bool = False
+) -> tuple[KeyDir, PrivateKey]:
+    """Create a server key pair, ``clients`` client key pairs (``client-0`` ...) and a trust
+    store of the client keys under ``directory`` (the layout of :class:`KeyDir`); return the
+    layout and the server key. Refuses to overwrite existing key files unless ``force``."""
+    layout = KeyDir(directory)
+    if clients < 0:
+        raise ValueError(f"--clients must be >= 0, got {clients}")
+    names = [f"client-{i}" for i in range(clients)]
+    targets = [layout.server_key, layout.server_pub, layout.truststore]
+    targets += [path for n in names for path in (layout.client_key(n), layout.client_pub(n))]
+    existing = [str(path) for path in targets if path.exists()]
+    if existing and not force:
+        raise ValueError(
+            f"refusing to overwrite {len(existing)} existing file(s), e.g. {existing[0]} "
+            "(use --force)"
+        )
+    make_key_dirs(layout)
+    server = generate_private_key(algorithm)
+    save_private_key(server, layout.server_key)
+    save_public_key(server, layout.server_pub)
+    store = TrustStore()
+    for name in names:
+        client = generate_private_key(algorithm)
+        save_private_key(client, layout.client_key(name))
+        save_public_key(client, layout.client_pub(name))
+        store.add(client.public_key(), name)
+    store.save(layout.truststore)
+    return layout, server

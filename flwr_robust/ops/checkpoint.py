@@ -30,7 +30,7 @@ the initial model (evaluated before training). Checkpoints use *global* round nu
 ``global = flower_round + round_offset``. To resume, the ServerApp calls
 :func:`resume_state` and, when it returns ``(R, arrays)``, starts Flower from ``arrays`` with
 ``num_rounds = num_server_rounds - R`` (``num-server-rounds`` being the run's total) and gives
-``round_offset=R`` to :class:`CheckpointHook` and :class:`~flwr_robust.audit.AuditLog` (and
+``round_offset=R`` to :class:`CheckpointHook` and :class:`~flwr_robust.ops.audit.AuditLog` (and
 adds ``R`` to the rounds of its own records), so Flower round ``k`` continues as global
 round ``R + k``. The rollback baseline (last good accuracy) is not persisted: the resumed
 model's round-0 evaluation becomes the new baseline.
@@ -52,15 +52,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._files import atomic_write
-from .security.digest import cached_digest, digest_arrays
-from .security.errors import DigestError
-from .security.keys import PrivateKey, PublicKey, key_id, public_key_of, sign, verify
-from .security.signing import encode_map
-from .strategy.hooks import StrategyHook
+from .._files import atomic_write
+from ..security.digest import cached_digest, digest_arrays
+from ..security.errors import DigestError
+from ..security.keys import PrivateKey, PublicKey, key_id, public_key_of, sign, verify
+from ..security.signing import encode_map
+from ..strategy.hooks import StrategyHook
 
 if TYPE_CHECKING:
-    from .strategy.engine import RoundReport
+    from ..strategy.engine import RoundReport
 
 logger = logging.getLogger("flwr_robust")
 

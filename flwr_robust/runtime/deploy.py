@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import io
 import ipaddress
 import json
 import os
@@ -49,8 +48,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ..security.keydir import KeyDir
 from .launch import APP_DIR, RunOutcome, flower_env, format_run_config, free_port, run_status
-from .security.keydir import KeyDir
 
 #: Environment variable that marks every process of one deployment (value: its tag).
 TAG_VARIABLE = "FLWR_ROBUST_DEPLOYMENT"
@@ -85,7 +84,7 @@ class NodeSpec:
         if (self.role == "byzantine") != bool(self.attack):
             raise ValueError("a Byzantine node needs an attack, and an honest node has none")
         if self.attack:
-            from .attacks import available_attacks  # lazy: imports scipy
+            from ..attacks import available_attacks  # lazy: imports scipy
 
             if self.attack not in available_attacks():
                 raise ValueError(
@@ -166,18 +165,15 @@ class DeploymentKeys:
 
 
 def write_deployment_keys(root: Path, num_nodes: int) -> DeploymentKeys:
-    """Create signing keys for a server and ``num_nodes`` nodes with ``flwr-robust keys
-    init`` and lay them out per machine (see :class:`DeploymentKeys`); overwrites."""
-    from .cli import main as cli_main
+    """Create signing keys for a server and ``num_nodes`` nodes (as ``flwr-robust keys
+    init`` does) and lay them out per machine (see :class:`DeploymentKeys`); overwrites."""
+    from ..security.keydir import init_key_dir
 
     keys = DeploymentKeys(Path(root))
-    output = io.StringIO()
-    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-        code = cli_main(
-            ["keys", "init", str(keys.all.root), "--clients", str(num_nodes), "--force"]
-        )
-    if code != 0:
-        raise DeploymentError(f"`flwr-robust keys init` failed: {output.getvalue().strip()}")
+    try:
+        init_key_dir(keys.all.root, num_nodes, force=True)
+    except (OSError, ValueError) as exc:
+        raise DeploymentError(f"creating the signing keys failed: {exc}") from exc
     keys.server_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy2(keys.all.server_key, keys.server_dir)
     shutil.copy2(keys.all.truststore, keys.server_dir)
@@ -840,8 +836,8 @@ class LocalDeployment:
         there are nodes raise ``ValueError`` before anything runs."""
         from flwr.common.config import get_fused_config_from_dir
 
-        from .aggregation import get_aggregator
-        from .apps.settings import RunSettings
+        from ..aggregation import get_aggregator
+        from ..apps.settings import RunSettings
 
         try:
             fused = get_fused_config_from_dir(self.app_dir, dict(config))

@@ -35,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 def run_demo(args: argparse.Namespace) -> int:
     """Generate keys if needed, run the federation, print the per-round table."""
-    from .cli import main as cli_main
+    from ..security.keydir import init_key_dir
 
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -43,9 +43,7 @@ def run_demo(args: argparse.Namespace) -> int:
     signing = not args.no_signing
     last_client_key = keys / "clients" / f"client-{args.clients - 1}.key"
     if signing and (not (keys / "truststore.json").exists() or not last_client_key.exists()):
-        init = ["keys", "init", str(keys), "--clients", str(args.clients), "--force"]
-        if cli_main(init) != 0:
-            return 1
+        init_key_dir(keys, args.clients, force=True)
     results = workdir / "rounds.jsonl"
     audit = workdir / "audit.jsonl"
     for stale in (results, audit):

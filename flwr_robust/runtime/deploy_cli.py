@@ -6,7 +6,7 @@ stops everything; ``up`` starts the same topology and leaves it running, ``run``
 on it, ``down`` stops it. ``keys``, ``certs`` and ``auth-keys`` write signing keys, TLS
 certificates and SuperNode authentication keys laid out per machine, and ``register``
 registers SuperNode public keys with a SuperLink (the compose files run them as one-shot
-services). See :mod:`flwr_robust.deploy` and ``docs/deployment.md``.
+services). See :mod:`flwr_robust.runtime.deploy` and ``docs/deployment.md``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from flwr_robust.deploy import LocalDeployment, NodeSpec
+    from flwr_robust.runtime.deploy import LocalDeployment, NodeSpec
 
 DEFAULT_DIR = Path(tempfile.gettempdir()) / "flwr-robust-deploy"
 
@@ -130,11 +130,11 @@ def add_parser(
 
 
 def _reporting(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """``handler``, printing a :class:`~flwr_robust.deploy.DeploymentError` and exiting 1
+    """``handler``, printing a :class:`~flwr_robust.runtime.deploy.DeploymentError` and exiting 1
     instead of raising it."""
 
     def run(args: argparse.Namespace) -> int:
-        from flwr_robust.deploy import DeploymentError
+        from flwr_robust.runtime.deploy import DeploymentError
 
         try:
             return handler(args)
@@ -194,7 +194,7 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
 
 
 def _topology(args: argparse.Namespace, run_dir: Path) -> LocalDeployment:
-    from flwr_robust.deploy import LocalDeployment, plan_nodes
+    from flwr_robust.runtime.deploy import LocalDeployment, plan_nodes
 
     return LocalDeployment(
         run_dir,
@@ -276,7 +276,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from flwr_robust.deploy import LocalDeployment
+    from flwr_robust.runtime.deploy import LocalDeployment
 
     deployment = LocalDeployment.attach(args.dir)
     if not deployment.running:
@@ -285,7 +285,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from flwr_robust.deploy import LocalDeployment
+    from flwr_robust.runtime.deploy import LocalDeployment
 
     deployment = LocalDeployment.attach(args.dir)
     left = deployment.stop()
@@ -333,7 +333,7 @@ def _print_rounds(records: Sequence[dict[str, Any]], nodes: dict[int, NodeSpec])
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from flwr_robust.deploy import DeploymentKeys, write_deployment_keys
+    from flwr_robust.runtime.deploy import DeploymentKeys, write_deployment_keys
 
     if DeploymentKeys(args.dir).server_dir.exists() and not args.force:
         print(f"signing keys exist in {args.dir}; kept")
@@ -347,7 +347,7 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from flwr_robust.deploy import TlsFiles, write_tls_certificates
+    from flwr_robust.runtime.deploy import TlsFiles, write_tls_certificates
 
     if TlsFiles(args.dir).ca_cert.exists() and not args.force:
         print(f"certificates exist in {args.dir}; kept")
@@ -362,7 +362,7 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _auth_keys(args: argparse.Namespace) -> int:
-    from flwr_robust.deploy import AuthKeys, write_auth_keys
+    from flwr_robust.runtime.deploy import AuthKeys, write_auth_keys
 
     if AuthKeys(args.dir).public_dir.exists() and not args.force:
         print(f"SuperNode authentication keys exist in {args.dir}; kept")
@@ -376,8 +376,8 @@ def _auth_keys(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from flwr_robust.deploy import register_supernode, wait_for_superlink, write_cli_config
-    from flwr_robust.launch import flower_env
+    from flwr_robust.runtime.deploy import register_supernode, wait_for_superlink, write_cli_config
+    from flwr_robust.runtime.launch import flower_env
 
     public_keys = sorted(args.dir.glob("*.pub"))
     if not public_keys:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from flwr_robust.data import Dataset
+from flwr_robust.task.data import Dataset
 
 __all__ = ["evaluate", "predict", "train"]
 

@@ -1,8 +1,8 @@
 """``flwr-robust audit``: check audit logs and checkpoints after (or during) a run.
 
 Actions: ``verify FILE`` checks an audit log's hash chain and model lineage (see
-:mod:`flwr_robust.audit`); ``checkpoints DIR`` lists the checkpoints of a directory and checks
-each one's digest (see :mod:`flwr_robust.checkpoint`). Both print a summary and exit 0 when
+:mod:`flwr_robust.ops.audit`); ``checkpoints DIR`` lists the checkpoints of a directory and checks
+each one's digest (see :mod:`flwr_robust.ops.checkpoint`). Both print a summary and exit 0 when
 everything verifies, 1 when something does not, 2 on usage or I/O errors.
 """
 

@@ -111,7 +111,7 @@ def default_model(dataset_name: str) -> str:
     Parameters
     ----------
     dataset_name : str
-        A dataset name accepted by :func:`flwr_robust.data.load_dataset`.
+        A dataset name accepted by :func:`flwr_robust.task.data.load_dataset`.
 
     Returns
     -------

@@ -15,7 +15,7 @@ Line types: ``start`` (a writer opened the file; ``round_offset`` of its round n
 lineage: ``base_digest`` of the model the round started from, ``model_digest`` of the global
 model after it (the base when the model was kept) and ``prev_model_digest``, the previous
 round line's ``model_digest``), ``evaluation`` (central metrics of the model after
-``round``) and ``rollback`` (a :class:`~flwr_robust.checkpoint.RollbackEvent`). Digests are
+``round``) and ``rollback`` (a :class:`~flwr_robust.ops.checkpoint.RollbackEvent`). Digests are
 hex :func:`~flwr_robust.security.digest.digest_arrays`.
 
 :func:`verify_audit_log` checks every line: canonical form, its hash, the chain (so an edited,
@@ -41,14 +41,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..security.digest import cached_digest
+from ..strategy.hooks import StrategyHook
 from .checkpoint import utc_now
-from .security.digest import cached_digest
-from .strategy.hooks import StrategyHook
 
 if TYPE_CHECKING:
+    from ..strategy.engine import ClientReply, RoundReport
+    from .anomaly import AnomalyDetectionHook
     from .checkpoint import RollbackEvent
-    from .detection.anomaly import AnomalyDetectionHook
-    from .strategy.engine import ClientReply, RoundReport
 
 logger = logging.getLogger("flwr_robust")
 
@@ -228,7 +228,7 @@ class AuditLog(StrategyHook):
     path : str or Path
         The JSONL file (created with its parent directory if missing).
     round_offset : int
-        Added to Flower's round numbers (see :mod:`flwr_robust.checkpoint` on resuming).
+        Added to Flower's round numbers (see :mod:`flwr_robust.ops.checkpoint` on resuming).
     anomaly : AnomalyDetectionHook, optional
         A detector whose flags of each round are recorded (``anomaly_flags``), which matters
         in its ``"flag"`` mode, where the report holds no anomaly rejections.

@@ -48,16 +48,16 @@ from typing import TYPE_CHECKING, Any, Self
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from .detection.anomaly import ANOMALY_CODES, AnomalyDetectionHook
-from .security.verifier import Reason
-from .strategy.hooks import StrategyHook
-from .validation import REASON_CODES, reason_code
+from ..security.verifier import Reason
+from ..strategy.hooks import StrategyHook
+from ..validation import REASON_CODES, reason_code
+from .anomaly import ANOMALY_CODES, AnomalyDetectionHook
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
+    from ..strategy.engine import RoundReport
     from .checkpoint import RollbackEvent
-    from .strategy.engine import RoundReport
 
 logger = logging.getLogger("flwr_robust")
 
