@@ -114,7 +114,7 @@ def test_poisoned_round_rolls_back_to_the_last_good_checkpoint(
     loop.round(2, model(2.0), 0.7)
     assert store.rounds() == [1, 2]
     assert hook.last_good == (2, 0.7)
-    with caplog.at_level(logging.WARNING, logger="flwr_robust"):
+    with caplog.at_level(logging.WARNING, logger="flwr.robust"):
         loop.round(3, model(66.0), 0.3)  # poisoned: 0.4 below round 2
     assert "training resumes from the checkpoint of round 2" in caplog.text
     assert len(events) == 1 and hook.rollbacks == events
@@ -164,7 +164,7 @@ def test_a_directory_of_another_run_is_refused_or_its_initial_model_replaced(
     CheckpointHook(store, round_offset=1)  # resuming from round 1 is fine
     store.path_for(1).unlink()
     hook = CheckpointHook(store)
-    with caplog.at_level(logging.WARNING, logger="flwr_robust"):
+    with caplog.at_level(logging.WARNING, logger="flwr.robust"):
         hook.on_instruction(1, "train", model(5.0), {})
     assert "replacing the checkpoint of round 0" in caplog.text
     assert store.metadata(0)["digest"] == digest_arrays(model(5.0)).hex()

@@ -211,7 +211,7 @@ def test_a_signed_store_replaces_an_unverifiable_initial_checkpoint(
     CheckpointStore(tmp_path).save(0, model(0.0))  # left by an unsigned run
     store = CheckpointStore(tmp_path, signing_key=server_key)
     hook = CheckpointHook(store)
-    with caplog.at_level(logging.WARNING, logger="flwr_robust"):
+    with caplog.at_level(logging.WARNING, logger="flwr.robust"):
         hook.on_instruction(1, "train", model(0.0), {})
     assert "replacing the checkpoint of round 0" in caplog.text and "unsigned" in caplog.text
     assert store.load(0).metadata["key_id"] == keys.key_id(server_key)
@@ -285,12 +285,12 @@ def test_the_server_warns_about_writable_keys(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     root = _keys_dir(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="flwr_robust"):
+    with caplog.at_level(logging.WARNING, logger="flwr.robust"):
         integrity_hooks(root, run_id=1)
     assert "writable" not in caplog.text
     root.chmod(0o777)
     (root / "server.key").chmod(0o660)
-    with caplog.at_level(logging.WARNING, logger="flwr_robust"):
+    with caplog.at_level(logging.WARNING, logger="flwr.robust"):
         integrity_hooks(root, run_id=1)
     assert f"{root} is writable by everyone (mode 0777)" in caplog.text
     assert f"{root / 'server.key'} is writable by its group" in caplog.text

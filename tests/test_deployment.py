@@ -99,9 +99,13 @@ def test_byzantine_update_excluded_and_honest_kept_every_round(finished: Finishe
         honest = sorted(finished.node(record, p) for p in HONEST)
         assert sorted(record["kept"]) == honest, record
         assert record["rejected"][str(byzantine)].startswith("excluded-by-rule: multi_krum")
-        assert f"round {rnd}: rejected node {byzantine}: excluded-by-rule" in (
-            finished.outcome.output
+        # one INFO line per round under `flwr run`; the per-node reasons are at DEBUG
+        summary = (
+            f"round {rnd}: multi_krum kept 2 of 4 replies; "
+            "rejected 2 (error-reply 1, excluded-by-rule 1)"
         )
+        assert summary in finished.outcome.output
+        assert f"rejected node {byzantine}" not in finished.outcome.output
         # signing was on: every kept update carried a valid signature of a trusted key
         assert all(record["identities"][str(n)].startswith("key:") for n in honest)
         assert record["byzantine"] == [byzantine] and record["recall"] == 1.0

@@ -119,7 +119,7 @@ def test_flag_mode_rejects_nothing_but_records_and_logs(caplog: pytest.LogCaptur
     deltas = honest_deltas(5, seed=4, towards=direction())
     deltas.append({k: v * 20 for k, v in deltas[0].items()})
     hook = AnomalyDetectionHook("flag", norm_bound=5.0)
-    with caplog.at_level(logging.INFO, logger="flwr_robust"):
+    with caplog.at_level(logging.INFO, logger="flwr.robust"):
         assert hook.on_replies(4, base, replies_for(base, deltas)) == {}
     assert set(hook.flags_for(4)) == {6} and hook.flags_for(3) == {}
     assert hook.excluded == {}
@@ -131,7 +131,7 @@ def test_exclusions_are_capped_most_anomalous_first(caplog: pytest.LogCaptureFix
     base, towards = model(), direction()
     deltas = [{k: v * s for k, v in towards.items()} for s in (1.0, 4.0, 6.0, 8.0)]
     hook = AnomalyDetectionHook("exclude", norm_bound=2.0, zscore_threshold=None)
-    with caplog.at_level(logging.WARNING, logger="flwr_robust"):
+    with caplog.at_level(logging.WARNING, logger="flwr.robust"):
         rejected = hook.on_replies(1, base, replies_for(base, deltas))
     assert set(hook.flags) == {2, 3, 4}
     assert set(rejected) == {3, 4}  # floor(0.5 * 4) = 2, the largest norms

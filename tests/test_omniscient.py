@@ -109,7 +109,7 @@ def test_rounds_without_byzantine_or_honest_replies_are_left_alone(
     before = snapshot(replies)
     hook = OmniscientAttackHook("ipm", BYZANTINE)
     assert hook.on_replies(1, glob, honest_only) == {}
-    with caplog.at_level(logging.WARNING, logger="flwr_robust"):
+    with caplog.at_level(logging.WARNING, logger="flwr.robust"):
         assert hook.on_replies(2, glob, byzantine_only) == {}
     assert "no honest reply" in caplog.text
     for reply in replies:
@@ -117,7 +117,7 @@ def test_rounds_without_byzantine_or_honest_replies_are_left_alone(
 
 
 def test_construction_warns_and_validates(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="flwr_robust"):
+    with caplog.at_level(logging.WARNING, logger="flwr.robust"):
         OmniscientAttackHook("ALIE", {3, 5})
     assert "THREAT-MODEL SIMULATION" in caplog.text
     with pytest.raises(

@@ -150,7 +150,7 @@ def test_too_few_valid_replies_keep_the_global_model(caplog: pytest.LogCaptureFi
     ins = train_instructions(strategy, model, [1, 2, 3, 4, 5])
     replies = [reply(m, client_weights(model, 1.0)) for m in ins[:4]]
     replies.append(Message(Error(code=0, reason="crashed"), reply_to=ins[4]))
-    with caplog.at_level(logging.WARNING, logger="flwr_robust"):
+    with caplog.at_level(logging.WARNING, logger="flwr.robust"):
         arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is None
     assert metrics["robust-aggregated"] == 0

@@ -27,7 +27,7 @@ from .geometric import distances_to_combination
 from .matrix import UpdateMatrix
 from .registry import register
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("flwr.robust")
 
 NO_CLUSTER_REASON = "no cluster found: the round is skipped (zero update)"
 

@@ -15,7 +15,7 @@ from .base import AggregationResult, Aggregator, check_float, check_int, result_
 from .matrix import UpdateMatrix
 from .registry import register
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("flwr.robust")
 
 
 def coordinate_reduce(

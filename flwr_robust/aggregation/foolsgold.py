@@ -13,7 +13,7 @@ from .clustering import cosine_similarities
 from .matrix import UpdateMatrix, _safe_products
 from .registry import register
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("flwr.robust")
 
 #: Largest squared norm a stored history may have in one block: every value and every
 #: product of the block's Gram matrix then stays far inside float32's safe range (HUGE =

@@ -15,7 +15,7 @@ from .matrix import UpdateMatrix, weighted_rows
 from .registry import register
 from .tiles import num_tiles
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("flwr.robust")
 
 VARIANTS = ("faithful", "robust")
 

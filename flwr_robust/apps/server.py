@@ -43,18 +43,7 @@ from ..task.models import build_model, default_model, get_named_weights, set_wei
 from ..task.training import evaluate, predict
 from .settings import RunSettings, cell_run_config, parse_cells
 
-logger = logging.getLogger("flwr_robust")
-
-
-def use_flower_logging() -> None:
-    """Send this package's log records to Flower's console handlers (and so to
-    ``flwr run``'s log stream)."""
-    ours = logging.getLogger("flwr_robust")
-    if not ours.handlers:
-        for handler in logging.getLogger("flwr").handlers:
-            ours.addHandler(handler)
-    ours.setLevel(logging.INFO)
-    ours.propagate = False
+logger = logging.getLogger("flwr.robust")
 
 
 def build_global_model(settings: RunSettings, data: Dataset) -> torch.nn.Module:
@@ -317,7 +306,6 @@ def run(grid: Grid, context: Context) -> list[dict[str, Any]]:
     to back in this one Flower run: each from a fresh model with its own settings, its
     instructions carrying ``experiment-cell`` so that clients apply the same overrides.
     """
-    use_flower_logging()
     settings = RunSettings.from_run_config(context.run_config)
     cells = parse_cells(settings.experiment_cells)
     if not cells:

@@ -21,7 +21,7 @@ from .base import Attack, AttackContext, Layers, register
 
 __all__ = ["ALIE", "IPM", "ColludingAttack", "alie_delta", "alie_z_max", "ipm_delta"]
 
-logger = logging.getLogger("flwr_robust")
+logger = logging.getLogger("flwr.robust")
 
 
 def _stack_layers(deltas: list[Layers]) -> Iterator[np.ndarray]:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["OmniscientAttackHook"]
 
-logger = logging.getLogger("flwr_robust")
+logger = logging.getLogger("flwr.robust")
 
 
 class OmniscientAttackHook(StrategyHook):

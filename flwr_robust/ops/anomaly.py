@@ -45,7 +45,7 @@ from ..validation import reason_code
 if TYPE_CHECKING:
     from ..strategy.engine import ClientReply, RoundReport
 
-logger = logging.getLogger("flwr_robust")
+logger = logging.getLogger("flwr.robust")
 
 #: Rejection / flag codes of this detector, in the order the tests run.
 ANOMALY_CODES = ("anomaly-norm", "anomaly-zscore", "anomaly-direction")

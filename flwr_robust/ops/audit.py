@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from .anomaly import AnomalyDetectionHook
     from .checkpoint import RollbackEvent
 
-logger = logging.getLogger("flwr_robust")
+logger = logging.getLogger("flwr.robust")
 
 FORMAT_VERSION = 1
 GENESIS_HASH = "0" * 64

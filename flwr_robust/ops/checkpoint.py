@@ -62,7 +62,7 @@ from ..strategy.hooks import StrategyHook
 if TYPE_CHECKING:
     from ..strategy.engine import RoundReport
 
-logger = logging.getLogger("flwr_robust")
+logger = logging.getLogger("flwr.robust")
 
 FORMAT_VERSION = 1
 #: Domain separation of checkpoint signatures from every other signature of the server key.

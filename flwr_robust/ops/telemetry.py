@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from ..strategy.engine import RoundReport
     from .checkpoint import RollbackEvent
 
-logger = logging.getLogger("flwr_robust")
+logger = logging.getLogger("flwr.robust")
 
 #: The reason code the engine gives to replies a robust rule left out.
 EXCLUDED_BY_RULE = "excluded-by-rule"

@@ -32,7 +32,7 @@ from .signing import NO_ARRAYS_DIGEST, Purpose, sign_global_model
 from .truststore import TrustStore
 from .verifier import Reply, verify_replies
 
-logger = logging.getLogger("flwr_robust")
+logger = logging.getLogger("flwr.robust")
 
 
 class SignGlobalModel(StrategyHook):

@@ -65,7 +65,7 @@ from .signing import (
 )
 from .verifier import verify_global_model
 
-logger = logging.getLogger("flwr_robust")
+logger = logging.getLogger("flwr.robust")
 
 #: Error code of a refused instruction (Flower's own codes are small integers).
 REFUSED_INSTRUCTION = 4301

@@ -45,7 +45,7 @@ from flwr_robust.security.keys import (
     public_key_to_pem,
 )
 
-logger = logging.getLogger("flwr_robust")
+logger = logging.getLogger("flwr.robust")
 
 FORMAT = "flwr-robust-truststore"
 VERSION = 1

@@ -13,7 +13,7 @@ from ..validation import DEFAULT_MAX_NUM_EXAMPLES
 from .engine import RobustAggregation
 from .hooks import StrategyHook
 
-logger = logging.getLogger("flwr_robust")
+logger = logging.getLogger("flwr.robust")
 
 
 

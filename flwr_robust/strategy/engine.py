@@ -28,7 +28,7 @@ from ..validation import (
 )
 from .hooks import StrategyHook
 
-logger = logging.getLogger("flwr_robust")
+logger = logging.getLogger("flwr.robust")
 
 NamedArrays = dict[str, np.ndarray]
 
@@ -263,8 +263,11 @@ class HookPipeline:
         if replies:
             self.evaluation_reports.append(report)
         rnd = server_round + self.round_offset
+        if report.rejected:
+            logger.info("round %d: ignored %d of %d evaluation replies", rnd,
+                        len(report.rejected), len(replies))
         for node_id, text in sorted(report.rejected.items()):
-            logger.info("round %d: ignored evaluation reply of node %d: %s", rnd, node_id, text)
+            logger.debug("round %d: ignored evaluation reply of node %d: %s", rnd, node_id, text)
         return valid, report
 
     def finish(self, report: RoundReport, new_arrays: NamedArrays | None, started: float) -> None:
@@ -359,20 +362,17 @@ class HookPipeline:
         return valid
 
     def _log(self, report: RoundReport) -> None:
+        """One INFO (or WARNING) line per round; each rejection's reason at DEBUG."""
         rnd = report.server_round + self.round_offset
+        counts = ", ".join(f"{code} {n}" for code, n in sorted(report.rejection_counts().items()))
+        rejected = f"; rejected {len(report.rejected)} ({counts})" if report.rejected else ""
         if report.aggregated:
-            logger.info(
-                "round %d: %s kept %d of %d replies %s",
-                rnd,
-                report.rule,
-                len(report.kept),
-                report.num_replies,
-                report.kept,
-            )
+            logger.info("round %d: %s kept %d of %d replies%s", rnd, report.rule,
+                        len(report.kept), report.num_replies, rejected)
         else:
-            logger.warning("round %d: %s", rnd, report.failure or report.note)
+            logger.warning("round %d: %s%s", rnd, report.failure or report.note, rejected)
         for node_id, text in sorted(report.rejected.items()):
-            logger.info("round %d: rejected node %d: %s", rnd, node_id, text)
+            logger.debug("round %d: rejected node %d: %s", rnd, node_id, text)
 
 
 class RobustAggregation(HookPipeline):

@@ -22,7 +22,7 @@ from ._common import RobustStrategyMixin, rule_strategies
 from .metrics import conforming
 from .rounds import LegacyRounds
 
-logger = logging.getLogger("flwr_robust")
+logger = logging.getLogger("flwr.robust")
 
 
 class RobustStrategy(RobustStrategyMixin, FedAvg):

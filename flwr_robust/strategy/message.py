@@ -15,7 +15,7 @@ from ._common import RobustStrategyMixin, rule_strategies
 from .metrics import conforming_contents
 from .rounds import MessageRounds
 
-logger = logging.getLogger("flwr_robust")
+logger = logging.getLogger("flwr.robust")
 
 
 class RobustStrategy(RobustStrategyMixin, FedAvg):

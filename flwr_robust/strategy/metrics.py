@@ -29,7 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from ..security.signing import PREFIX
 
-logger = logging.getLogger("flwr_robust")
+logger = logging.getLogger("flwr.robust")
 
 
 def value_kind(value: Any) -> tuple[Any, ...]:

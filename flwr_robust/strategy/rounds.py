@@ -35,7 +35,7 @@ from ..security.signing import (
 from ..validation import reason
 from .engine import ClientReply, HookPipeline, NamedArrays
 
-logger = logging.getLogger("flwr_robust")
+logger = logging.getLogger("flwr.robust")
 
 LegacyInstructions = list[tuple[ClientProxy, Any]]
 _DETAIL = 200  # longest client-provided text quoted in a reason
