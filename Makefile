@@ -19,6 +19,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 # The property-based fuzzers with many more examples than `make test` runs (minutes).
@@ -28,6 +29,7 @@ fuzz: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/aggregation.py
 	$(BIN)/python benchmarks/signing.py
+	$(BIN)/python benchmarks/import_time.py
 
 clean:
 	rm -rf $(VENV) .demo results .pytest_cache .ruff_cache

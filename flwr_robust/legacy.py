@@ -1,13 +1,17 @@
 """Legacy-API strategies (``flwr.server.strategy.FedAvg`` subclasses, ``aggregate_fit``).
 
-The same class names as :mod:`flwr_robust.strategy`, for ``ServerApp(server_fn=...)`` /
-``start_grid`` applications.
+Flower's legacy names (``FedAvg``, ``FedMedian``, ``FedTrimmedAvg``, ``Krum``, ``Bulyan``)
+with Flower's legacy constructor arguments, and the same rule classes as
+:mod:`flwr_robust.strategy`, for ``ServerApp(server_fn=...)`` / ``start_grid`` applications.
 """
 
 from .strategy.legacy import (
     Bulyan,
     CenteredClipping,
     ClusterFilter,
+    FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
     Flame,
     FoolsGold,
     GeometricMedian,
@@ -26,6 +30,9 @@ __all__ = [
     "Bulyan",
     "CenteredClipping",
     "ClusterFilter",
+    "FedAvg",
+    "FedMedian",
+    "FedTrimmedAvg",
     "Flame",
     "FoolsGold",
     "GeometricMedian",

@@ -174,9 +174,9 @@ def test_replies_are_not_mutated() -> None:
     assert before == after
 
 
-def test_aggregate_without_configure_is_an_error() -> None:
-    with pytest.raises(RuntimeError, match="did not configure"):
-        Median().aggregate_train(3, [])
+def test_aggregate_without_configure_and_no_replies_returns_flowers_empty_result() -> None:
+    assert Median().aggregate_train(3, []) == (None, None)
+    assert LegacyKrum().aggregate_fit(3, [], []) == (None, {})
 
 
 def test_client_metrics_that_disagree_do_not_crash_the_round() -> None:
@@ -346,8 +346,6 @@ def test_make_strategy_builds_every_rule_on_both_apis(name: str, api: str) -> No
 def test_constructor_errors_are_clear() -> None:
     with pytest.raises(TypeError, match="unexpected keyword argument.*num_malicous"):
         Krum(num_malicous=2)
-    with pytest.raises(ValueError, match="min_train_nodes=3 is below the 7 clients"):
-        Krum(num_malicious=2, min_train_nodes=3)
     with pytest.raises(ValueError, match="api must be one of"):
         make_strategy("krum", api="grpc")
     with pytest.raises(ValueError, match="unknown aggregator"):
@@ -357,7 +355,7 @@ def test_constructor_errors_are_clear() -> None:
 def test_generic_strategy_takes_an_aggregator_instance() -> None:
     strategy = RobustStrategy(get_aggregator("trimmed_mean", num_malicious=1), fraction_train=0.5)
     assert strategy.aggregator.num_malicious == 1 and strategy.fraction_train == 0.5
-    assert "krum" in Krum.__doc__ and "Blanchard" in Krum.__doc__
+    assert "Krum" in Krum.__doc__ and "Blanchard" in Krum.__doc__
 
 
 class Rollback(StrategyHook):
@@ -392,3 +390,117 @@ def test_hook_can_replace_the_global_model_before_a_round(api: str) -> None:
     for name in LAYERS:
         np.testing.assert_array_equal(sent[name], replacement[name])
         np.testing.assert_allclose(result[name], replacement[name] + 1.0, rtol=1e-6)
+
+
+# ------------------------------------------------------- Flower drop-in: minimums, state
+def test_an_explicit_small_minimum_is_kept_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="flwr.robust"):
+        strategy = Krum(num_malicious=2, min_train_nodes=3)
+    assert strategy.min_train_nodes == 3 and strategy.min_available_nodes == 7
+    assert "min_train_nodes=3 below the 7 replies Krum(num_malicious=2) needs" in caplog.text
+    model = global_model()
+    ins = train_instructions(strategy, model, list(range(1, 8)))[:3]
+    arrays, metrics = strategy.aggregate_train(1, [reply(m, client_weights(model, 1.0)) for m in ins])
+    assert arrays is None and metrics["robust-aggregated"] == 0
+    assert "3 valid replies" in strategy.reports[-1].note
+
+
+class SlowGrid(FakeGrid):
+    """Two nodes connected at the first look, all of them afterwards."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        super().__init__(node_ids)
+        self.calls = 0
+
+    def get_node_ids(self) -> list[int]:
+        self.calls += 1
+        return self._ids[:2] if self.calls == 1 else list(self._ids)
+
+
+def test_the_log_says_why_the_run_waits_for_a_raised_minimum(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    strategy = Krum(num_malicious=1)
+    arrays = ArrayRecord({k: Array(v) for k, v in global_model().items()})
+    with caplog.at_level(logging.WARNING, logger="flwr.robust"):
+        strategy.configure_train(1, arrays, ConfigRecord(), SlowGrid([1, 2, 3, 4, 5]))
+    assert "2 nodes connected, waiting for min_available_nodes=5" in caplog.text
+    assert "Krum(num_malicious=1) needs 5 replies" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flwr.robust"):
+        Krum(num_malicious=1, min_available_nodes=5).configure_train(
+            1, arrays, ConfigRecord(), SlowGrid([1, 2, 3, 4, 5])
+        )
+    assert "waiting" not in caplog.text  # the user chose 5: Flower's own message says it
+
+
+EQUIVARIANT = [
+    ("fedavg", {}), ("median", {}), ("trimmed_mean", {"num_malicious": 1}),
+    ("krum", {"num_malicious": 1}), ("multi_krum", {"num_malicious": 1}),
+    ("bulyan", {"num_malicious": 1}), ("geometric_median", {}), ("meamed", {"num_malicious": 1}),
+    ("rfout_1d", {"variant": "robust"}), ("cluster", {}), ("krum", {"pre": "nnm", "num_malicious": 1}),
+]
+
+
+@pytest.mark.parametrize(("rule", "params"), EQUIVARIANT)
+def test_stateless_aggregation_of_an_equivariant_rule_equals_the_configured_one(
+    rule: str, params: dict
+) -> None:
+    model = global_model()
+    nodes = [1, 2, 3, 4, 5, 6, 7]
+    configured = make_strategy(rule, **params)
+    ins = train_instructions(configured, model, nodes)
+    rng = np.random.default_rng(3)
+    shifts = {n: rng.standard_normal(4).astype(np.float32) for n in nodes}
+    weights = {n: {k: v + shifts[n][: v.shape[-1]] for k, v in model.items()} for n in nodes}
+    expected, _ = configured.aggregate_train(
+        1, [reply(m, weights[m.metadata.dst_node_id]) for m in ins]
+    )
+    stateless = make_strategy(rule, **params)
+    got, metrics = stateless.aggregate_train(
+        1, [reply(m, weights[m.metadata.dst_node_id]) for m in ins]
+    )
+    assert got is not None and metrics["robust-kept"] >= 1
+    for name, value in as_numpy(expected).items():
+        np.testing.assert_allclose(as_numpy(got)[name], value, rtol=1e-5, atol=1e-5)
+    assert stateless.reports[-1].info["reference"].startswith("zeros")
+
+
+@pytest.mark.parametrize("rule", ["norm_clip", "flame", "foolsgold", "centered_clip"])
+def test_stateless_rule_needing_the_model_keeps_it_then_uses_the_latest_one(rule: str) -> None:
+    model = global_model()
+    strategy = make_strategy(rule)
+    nodes = [1, 2, 3, 4, 5]
+    ins = train_instructions(Median(), model, nodes)
+    arrays, _ = strategy.aggregate_train(1, [reply(m, client_weights(model, 1.0)) for m in ins])
+    assert arrays is None
+    assert "neither sent nor been given" in strategy.reports[-1].note
+    # Once it has sent a model, an unconfigured round builds on the latest model it knows.
+    ins = train_instructions(strategy, model, nodes, rnd=2)
+    first, _ = strategy.aggregate_train(2, [reply(m, client_weights(model, 1.0)) for m in ins])
+    assert first is not None
+    produced = as_numpy(first)
+    rng = np.random.default_rng(5)
+    again, _ = strategy.aggregate_train(3, [
+        reply(m, client_weights(produced, rng.standard_normal(4).astype(np.float32)))
+        for m in train_instructions(Median(), produced, nodes)
+    ])
+    assert again is not None and strategy.reports[-1].aggregated
+    assert "reference" not in strategy.reports[-1].info
+
+
+def test_legacy_stateless_aggregation_uses_the_initial_parameters() -> None:
+    model = global_model()
+    strategy = make_strategy("norm_clip", api="legacy", max_norm=10.0,
+                             initial_parameters=ndarrays_to_parameters(list(model.values())))
+    results = []
+    for cid in range(1, 4):
+        proxy = FakeProxy(cid)
+        weights = [v + np.float32(cid) for v in model.values()]
+        results.append((proxy, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(weights), 10, {})))
+    parameters, _ = strategy.aggregate_fit(1, results, [])
+    assert parameters is not None
+    report = strategy.reports[-1]
+    assert report.kept == [1, 2, 3] and "reference" not in report.info

@@ -111,3 +111,20 @@ def test_legacy_fedavg_with_hooks_filters_results() -> None:
     assert strategy.reports[-1].rejected[3].startswith("non-finite")
     assert metrics["robust-rejected-non-finite"] == 1
     np.testing.assert_allclose(npy_view(parameters.tensors[1]), model["b"] + 1.0, rtol=1e-6)
+
+
+def test_with_hooks_aggregates_without_configure_like_the_wrapped_strategy(keys: KeyDir) -> None:
+    model = global_model()
+    ins = list(FedAvg().configure_train(
+        1, ArrayRecord({k: Array(v) for k, v in model.items()}), ConfigRecord(), FakeGrid([1, 2, 3])
+    ))
+    replies = [reply(m, client_weights(model, float(i)), 10 * (i + 1)) for i, m in enumerate(ins)]
+    expected, _ = FedAvg().aggregate_train(1, replies)
+    got, metrics = with_hooks(FedAvg(), []).aggregate_train(1, replies)
+    for name in model:
+        np.testing.assert_array_equal(got[name].numpy(), expected[name].numpy())
+    assert metrics["robust-kept"] == 3
+    # A hook binding replies to the model it sent fails closed: no model was sent.
+    signed = with_hooks(FedAvg(), signing_hooks(keys))
+    assert signed.aggregate_train(1, replies)[0] is None
+    assert signed.reports[-1].kept == []

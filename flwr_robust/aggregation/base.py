@@ -170,6 +170,15 @@ class Aggregator(ABC):
     #: For rules wrapping another registry rule: the name of the constructor parameter that
     #: names it (the wrapped rule's parameters are then accepted and forwarded).
     wraps: ClassVar[str | None] = None
+    #: Whether ``rule(x_1 + t, ..., x_n + t) = rule(x_1, ..., x_n) + t`` for every
+    #: translation ``t`` (see :meth:`translation_equivariant`).
+    equivariant: ClassVar[bool] = False
+
+    def translation_equivariant(self) -> bool:
+        """Whether translating every input translates the output alike, with these
+        parameters. Such a rule gives the same model from client weights as from client
+        updates (weights minus the global model), so it needs no global model."""
+        return self.equivariant
 
     def __call__(
         self,
@@ -265,7 +274,7 @@ class Aggregator(ABC):
 def result_from_flat(
     matrix: UpdateMatrix,
     flat: np.ndarray,
-    kept: Sequence[int],
+    kept: Sequence[int] | np.ndarray,
     *,
     reason: str | Callable[[int], str] = "not selected",
     scores: np.ndarray | None = None,
@@ -316,7 +325,7 @@ def check_float(
     """Validate a finite real parameter within an (optionally open) interval."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(float(value)):
         raise InvalidParameterError(f"{name} must be a finite number, got {value!r}")
     value = float(value)
     if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):

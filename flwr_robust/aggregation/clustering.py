@@ -258,6 +258,9 @@ class ClusterFilter(Aggregator):
     def min_clients(self) -> int:
         return 2
 
+    def translation_equivariant(self) -> bool:
+        return self.metric == "euclidean"
+
     def _labels(self, inner: np.ndarray, distances: np.ndarray) -> np.ndarray:
         n = len(distances)
         if self.method == "hdbscan":

@@ -50,6 +50,7 @@ class Median(Aggregator):
     """
 
     name = "median"
+    equivariant = True
 
     def __init__(self, num_malicious: int | None = None) -> None:
         self.num_malicious = check_int("num_malicious", num_malicious, minimum=0, allow_none=True)
@@ -82,6 +83,7 @@ class TrimmedMean(Aggregator):
     """
 
     name = "trimmed_mean"
+    equivariant = True
 
     def __init__(self, num_malicious: int | None = None, trim_ratio: float | None = None) -> None:
         if num_malicious is not None and trim_ratio is not None:
@@ -136,6 +138,7 @@ class MeaMed(Aggregator):
     """
 
     name = "meamed"
+    equivariant = True
 
     def __init__(self, num_malicious: int = 0) -> None:
         self.num_malicious = check_int("num_malicious", num_malicious, minimum=0)

@@ -68,6 +68,7 @@ class Krum(Aggregator):
     """
 
     name = "krum"
+    equivariant = True
 
     def __init__(self, num_malicious: int = 0) -> None:
         self.num_malicious = check_int("num_malicious", num_malicious, minimum=0)
@@ -114,6 +115,7 @@ class MultiKrum(Aggregator):
     """
 
     name = "multi_krum"
+    equivariant = True
 
     def __init__(self, num_malicious: int = 0, num_selected: int | None = None) -> None:
         self.num_malicious = check_int("num_malicious", num_malicious, minimum=0)
@@ -165,6 +167,7 @@ class Bulyan(Aggregator):
     """
 
     name = "bulyan"
+    equivariant = True
 
     def __init__(self, num_malicious: int = 0) -> None:
         self.num_malicious = check_int("num_malicious", num_malicious, minimum=0)

@@ -156,7 +156,7 @@ class FoolsGold(Aggregator):
             part = _products(block, torch)
             large = np.flatnonzero(~(np.diag(part) <= _ROW_LIMIT))  # NaN/Inf included
             if large.size:
-                for row in large:
+                for row in large.tolist():
                     shrink = _shrink_factor(histories[row][start:stop])
                     histories[row][:stop] *= np.float32(shrink)
                     block[row] = histories[row][start:stop]

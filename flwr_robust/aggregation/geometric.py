@@ -86,6 +86,7 @@ class GeometricMedian(Aggregator):
     """
 
     name = "geometric_median"
+    equivariant = True
 
     def __init__(
         self,

@@ -237,7 +237,7 @@ class UpdateMatrix:
         *,
         extra_rows: Sequence[np.ndarray] = (),
         max_block_bytes: int | None = None,
-        order: Sequence[int] | None = None,
+        order: Sequence[int] | np.ndarray | None = None,
     ) -> None:
         if len(updates) == 0:
             raise ValueError("no updates to aggregate")
@@ -552,7 +552,7 @@ class UpdateMatrix:
             result += part
         return result
 
-    def subset(self, rows: Sequence[int]) -> UpdateMatrix:
+    def subset(self, rows: Sequence[int] | np.ndarray) -> UpdateMatrix:
         """A matrix over the client rows ``rows`` only (sharing the data, no copy)."""
         selected = [int(r) for r in rows]
         if not selected or min(selected) < 0 or max(selected) >= self.n:
@@ -649,7 +649,7 @@ class MixedUpdateMatrix(UpdateMatrix):
         extended._classify()
         return extended
 
-    def subset(self, rows: Sequence[int]) -> MixedUpdateMatrix:
+    def subset(self, rows: Sequence[int] | np.ndarray) -> MixedUpdateMatrix:
         """The mixed rows ``rows`` only."""
         if self.num_rows != self.n:
             raise ValueError("cannot take a subset of a mixed matrix with extra rows")

@@ -22,6 +22,7 @@ class FedAvg(Aggregator):
     """
 
     name = "fedavg"
+    equivariant = True
 
     def _aggregate(
         self, matrix: UpdateMatrix, num_examples: np.ndarray | None, client_ids: list[Any] | None

@@ -60,6 +60,8 @@ class PreAggregation(ABC):
     """A stage mapping ``n`` client updates to ``m`` rule inputs by a mixing matrix."""
 
     name: ClassVar[str]
+    #: Whether translating every input translates every mixed output alike.
+    equivariant: ClassVar[bool] = False
 
     @abstractmethod
     def mixing(self, matrix: UpdateMatrix) -> Mixing:
@@ -109,6 +111,7 @@ class NearestNeighborMixing(PreAggregation):
     """
 
     name = "nnm"
+    equivariant = True
 
     def __init__(self, num_malicious: int | None = None) -> None:
         self.num_malicious = _required_f(self.name, num_malicious)
@@ -149,6 +152,7 @@ class Bucketing(PreAggregation):
     """
 
     name = "bucketing"
+    equivariant = True
 
     def __init__(self, bucket_size: int = 2, seed: int | None = None) -> None:
         self.bucket_size = check_int("bucket_size", bucket_size, minimum=1)
@@ -270,11 +274,11 @@ class PreAggregated(Aggregator):
         self.stage = stage
         self.rule = rule
 
-    @property  # type: ignore[misc]
+    @property
     def name(self) -> str:  # type: ignore[override]
         return self.rule.name
 
-    @property  # type: ignore[misc]
+    @property
     def stateful(self) -> bool:  # type: ignore[override]
         return self.rule.stateful
 
@@ -286,6 +290,9 @@ class PreAggregated(Aggregator):
 
     def reset(self) -> None:
         self.rule.reset()
+
+    def translation_equivariant(self) -> bool:
+        return self.stage.equivariant and self.rule.translation_equivariant()
 
     def min_clients(self) -> int:
         return max(

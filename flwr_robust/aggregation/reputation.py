@@ -110,6 +110,9 @@ class Reputation(Aggregator):
     def min_clients(self) -> int:
         return self.base.min_clients()
 
+    def translation_equivariant(self) -> bool:
+        return self.base.translation_equivariant()
+
     def reset(self) -> None:
         self._reputation.clear()
         self.base.reset()

@@ -107,6 +107,9 @@ class RFOut1d(Aggregator):
             tile += tiles
             yield start, stop, block
 
+    def translation_equivariant(self) -> bool:
+        return self.clip_norm is None  # clipping bounds updates, not weights
+
     def _aggregate(
         self, matrix: UpdateMatrix, num_examples: np.ndarray | None, client_ids: list[Any] | None
     ) -> AggregationResult:

@@ -81,7 +81,7 @@ class ArraysHasher:
         dtype_str = check_dtype(dtype).str
         if dtype_str[0] == ">":
             raise DigestError(f"array {name!r}: payload must be little-endian, got {dtype_str}")
-        view = memoryview(payload)
+        view = memoryview(payload)  # type: ignore[arg-type]  # arrays export buffers
         expected = dtype.itemsize * math.prod(shape)
         if view.nbytes != expected:
             raise DigestError(

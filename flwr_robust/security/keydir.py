@@ -114,7 +114,7 @@ def init_key_dir(
     """Create a server key pair, ``clients`` client key pairs (``client-0`` ...) and a trust
     store of the client keys under ``directory`` (the layout of :class:`KeyDir`); return the
     layout and the server key. Refuses to overwrite existing key files unless ``force``."""
-    layout = KeyDir(directory)
+    layout = KeyDir(Path(directory))
     if clients < 0:
         raise ValueError(f"--clients must be >= 0, got {clients}")
     names = [f"client-{i}" for i in range(clients)]

@@ -18,6 +18,7 @@ verification uses the public key stored under the id, never the id alone.
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -41,7 +42,7 @@ _ECDSA: dict[str, tuple[type[ec.EllipticCurve], type[hashes.HashAlgorithm]]] = {
     ECDSA_P256: (ec.SECP256R1, hashes.SHA256),
     ECDSA_P384: (ec.SECP384R1, hashes.SHA384),
 }
-_CURVE_NAMES = {curve.name: name for name, (curve, _) in _ECDSA.items()}
+_CURVE_NAMES: dict[str, str] = {str(curve.name): name for name, (curve, _) in _ECDSA.items()}
 _OPENSSH_PRIVATE = b"-----BEGIN OPENSSH PRIVATE KEY-----"
 _OPENSSH_PUBLIC = (b"ssh-ed25519 ", b"ecdsa-sha2-")
 
@@ -73,7 +74,7 @@ def algorithm_of(key: object) -> str:
         return ED25519
     if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
         try:
-            return _CURVE_NAMES[key.curve.name]
+            return _CURVE_NAMES[str(key.curve.name)]
         except KeyError:
             raise UnsupportedKeyError(
                 f"unsupported elliptic curve {key.curve.name!r} ({type(key).__name__}); "
@@ -152,6 +153,7 @@ def public_key_to_pem(key: PrivateKey | PublicKey) -> bytes:
 
 def private_key_from_bytes(data: bytes, password: bytes | None = None) -> PrivateKey:
     """Parse a private key from PEM (PKCS#8 or traditional) or OpenSSH bytes."""
+    key: Any
     try:
         if data.lstrip().startswith(_OPENSSH_PRIVATE):
             key = serialization.load_ssh_private_key(data, password)
@@ -160,11 +162,12 @@ def private_key_from_bytes(data: bytes, password: bytes | None = None) -> Privat
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise KeyFileError(f"cannot parse private key: {exc}") from exc
     algorithm_of(key)
-    return key  # type: ignore[return-value]
+    return key
 
 
 def public_key_from_bytes(data: bytes) -> PublicKey:
     """Parse a public key from PEM (SubjectPublicKeyInfo) or a one-line OpenSSH key."""
+    key: Any
     try:
         if data.lstrip().startswith(_OPENSSH_PUBLIC):
             key = serialization.load_ssh_public_key(data.strip())
@@ -173,7 +176,7 @@ def public_key_from_bytes(data: bytes) -> PublicKey:
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise KeyFileError(f"cannot parse public key: {exc}") from exc
     algorithm_of(key)
-    return key  # type: ignore[return-value]
+    return key
 
 
 def save_private_key(key: PrivateKey, path: str | Path, password: bytes | None = None) -> None:

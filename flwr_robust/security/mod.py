@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import (
@@ -294,12 +294,12 @@ def _verify_instruction(message: Message, context: Context, keys: NodeKeys) -> _
         raise Refused(f"{verdict.reason}: {verdict.detail}")
     bundle = SignatureBundle.from_config(signature_fields(config))
     seen = context.state.config_records.setdefault(_STATE, ConfigRecord())
-    previous = int(seen.get("last-round", 0))
+    previous = int(cast(int, seen.get("last-round", 0)))
     if bundle.server_round < previous:
         raise Refused(
             f"stale-round: signed for round {bundle.server_round}, this node saw {previous}"
         )
-    last_of_kind = int(seen.get(f"last-{layout.kind}", 0))
+    last_of_kind = int(cast(int, seen.get(f"last-{layout.kind}", 0)))
     if bundle.server_round <= last_of_kind:
         raise Refused(
             f"stale-round: a {layout.kind} instruction of round {bundle.server_round} was "
@@ -317,8 +317,10 @@ def _sign(reply: Message, verified: _Verified, keys: NodeKeys) -> None:
     """Sign the app's reply in place (raise :class:`Refused` if it cannot be signed)."""
     layout = verified.layout
     layout.check_reply(reply)
-    if layout.legacy and int(reply.content.config_records[f"{layout.result}.status"]["code"]):
-        return  # a legacy failure status: nothing the server will use
+    if layout.legacy:
+        status = reply.content.config_records[f"{layout.result}.status"]
+        if int(cast(int, status["code"])):
+            return  # a legacy failure status: nothing the server will use
     training = layout.kind == MessageType.TRAIN
     digest = record_digest(layout.reply_arrays(reply)) if training else NO_ARRAYS_DIGEST
     if digest is None:

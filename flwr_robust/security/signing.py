@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
+from typing import Any, TypeVar
 
 from flwr_robust.security.digest import DIGEST_SIZE, digest_arrays
 from flwr_robust.security.errors import MalformedSignatureError
@@ -166,7 +167,10 @@ def signature_fields(values: Mapping[str, object]) -> dict[str, object]:
     return {k: v for k, v in values.items() if str(k).startswith(PREFIX)}
 
 
-def strip_signature(values: Mapping[str, object]) -> dict[str, object]:
+ValueT = TypeVar("ValueT")
+
+
+def strip_signature(values: Mapping[str, ValueT]) -> dict[str, ValueT]:
     """Return ``values`` without its ``frs-*`` entries (the signed content)."""
     return {k: v for k, v in values.items() if not str(k).startswith(PREFIX)}
 
@@ -243,7 +247,7 @@ class SignatureBundle:
     server_round: int
     base_digest: bytes | None = None
 
-    def to_config(self) -> dict[str, bytes | str | int]:
+    def to_config(self) -> dict[str, Any]:
         """Return the bundle as flat ``frs-*`` fields (ConfigRecord-compatible values)."""
         fields: dict[str, bytes | str | int] = {
             KEY_VERSION: WIRE_VERSION,

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 from flwr_robust._files import atomic_write
 from flwr_robust.security.errors import SecurityError, TrustStoreError
@@ -129,7 +130,7 @@ class TrustEntry:
                 public_key=public_key_from_bytes(obj["public_key"].encode("utf-8")),
                 algorithm=obj["algorithm"],
                 name=obj.get("name"),
-                added_at=_parse_time(obj["added_at"]),
+                added_at=cast(datetime, _parse_time(obj["added_at"])),  # a string: checked
                 revoked=obj.get("revoked", False),
                 revoked_at=_parse_time(obj.get("revoked_at")),
             )

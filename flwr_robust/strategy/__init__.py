@@ -1,8 +1,10 @@
 """Flower strategies with robust aggregation, for the Message API (this package's
 top-level names) and the legacy API (:mod:`flwr_robust.legacy`).
 
-Swap ``FedAvg(...)`` for e.g. ``Krum(num_malicious=2, ...)``, or build any registered rule
-by name with :func:`make_strategy`.
+Flower's strategy names (``FedAvg``, ``FedMedian``, ``FedTrimmedAvg``, ``Krum``,
+``MultiKrum``, ``Bulyan``) take Flower's constructor arguments, positional order included;
+this package's rules have their own classes (``GeometricMedian``, ``Flame``, ...), and
+:func:`make_strategy` builds any registered rule by name.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from .message import (
     Bulyan,
     CenteredClipping,
     ClusterFilter,
+    FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
     Flame,
     FoolsGold,
     GeometricMedian,
@@ -36,15 +41,6 @@ from .wrappers import HookedLegacyStrategy, HookedStrategy, with_hooks
 APIS = ("message", "legacy")
 
 
-def _rule_classes(module: Any) -> dict[str, type]:
-    base = module.RobustStrategy
-    return {
-        cls.rule: cls
-        for cls in vars(module).values()
-        if isinstance(cls, type) and issubclass(cls, base) and cls.__dict__.get("rule")
-    }
-
-
 def make_strategy(name: str, api: str = "message", **kwargs: Any) -> Any:
     """A strategy for registry rule ``name`` (``fedavg`` included) on the chosen Flower API.
 
@@ -56,17 +52,14 @@ def make_strategy(name: str, api: str = "message", **kwargs: Any) -> Any:
         ``flwr.serverapp.strategy`` (``aggregate_train``) or ``flwr.server.strategy``
         (``aggregate_fit``).
     **kwargs
-        Rule parameters, ``pre`` (a pre-aggregation stage: ``nnm``, ``bucketing``, ``arc``)
+        Rule parameters (the registry's names and defaults, e.g. Multi-Krum's
+        ``num_selected = n - f``, not the Flower-named classes' Flower defaults), ``pre`` (a pre-aggregation stage: ``nnm``, ``bucketing``, ``arc``)
         and its parameters, FedAvg parameters of that API, ``hooks`` and ``max_num_examples``.
     """
     if api not in APIS:
         raise ValueError(f"api must be one of {APIS}, got {api!r}")
     module = _message if api == "message" else _legacy
-    rule = aggregator_class(name).name
-    cls = _rule_classes(module).get(rule)
-    if cls is not None:
-        return cls(**kwargs)
-    return module.RobustStrategy(aggregator=rule, **kwargs)
+    return module.RobustStrategy(aggregator=aggregator_class(name).name, **kwargs)
 
 
 __all__ = [
@@ -75,6 +68,9 @@ __all__ = [
     "CenteredClipping",
     "ClientReply",
     "ClusterFilter",
+    "FedAvg",
+    "FedMedian",
+    "FedTrimmedAvg",
     "Flame",
     "FoolsGold",
     "GeometricMedian",

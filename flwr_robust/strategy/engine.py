@@ -402,13 +402,30 @@ class RobustAggregation(HookPipeline):
     def aggregate(
         self,
         server_round: int,
-        global_arrays: NamedArrays,
+        global_arrays: NamedArrays | None,
         replies: Sequence[ClientReply],
         sampled: Collection[int] | None = None,
     ) -> tuple[NamedArrays | None, RoundReport]:
-        """New global model (or ``None`` to keep the current one) and the round's report."""
+        """New global model (or ``None`` to keep the current one) and the round's report.
+
+        ``global_arrays`` is the model the replies build on. When it is unknown (``None``:
+        the strategy neither sent nor was given one), a translation-equivariant rule
+        aggregates the client weights directly (against zeros in the layout most replies
+        share), which gives the same model; any other rule keeps the model, with the reason.
+        """
         started = time.perf_counter()
         report = RoundReport(server_round, self.aggregator.name, num_replies=len(replies))
+        if global_arrays is None:
+            if not self.aggregator.translation_equivariant():
+                report.note = (
+                    f"kept the global model: {self.aggregator!r} aggregates updates relative "
+                    "to the global model, and this strategy has neither sent nor been given "
+                    "one (configure the round first, or pass the initial model)"
+                )
+                self.finish(report, None, started)
+                return None, report
+            global_arrays = majority_layout(replies)
+            report.info["reference"] = "zeros: no global model known"
         valid = self.screen(global_arrays, replies, report, sampled)
         new_arrays = None
         needed = self.aggregator.min_clients()
@@ -462,8 +479,26 @@ class RobustAggregation(HookPipeline):
             )
         if result.scores is not None:
             report.scores = {valid[i].node_id: float(s) for i, s in enumerate(result.scores)}
-        report.info = dict(result.info)
+        report.info = {**report.info, **result.info}
         return new_arrays
+
+
+def majority_layout(replies: Sequence[ClientReply]) -> NamedArrays:
+    """Zero arrays in the layout (names, shapes, dtypes) that most nodes' replies share.
+
+    Each node votes once (a node with several replies does not vote); a tie goes to the
+    smallest layout in a fixed order, so neither the replies' order nor a minority decides.
+    """
+    copies = Counter(reply.node_id for reply in replies)
+    votes: Counter[tuple[tuple[str, tuple[int, ...], str], ...]] = Counter()
+    for reply in replies:
+        if reply.error is None and reply.arrays is not None and copies[reply.node_id] == 1:
+            votes[tuple((name, a.shape, a.dtype.str) for name, a in reply.arrays.items())] += 1
+    if not votes:
+        return {}
+    most = max(votes.values())
+    layout = min(key for key, count in votes.items() if count == most)
+    return {name: np.zeros(shape, dtype=np.dtype(dtype)) for name, shape, dtype in layout}
 
 
 def apply_delta(base: np.ndarray, delta: np.ndarray) -> np.ndarray:

@@ -47,15 +47,18 @@ def _config_as_sent(config: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Remembered:
-    """The global model sent and the nodes sampled, per (purpose, round)."""
+    """The global model sent and the nodes sampled, per (purpose, round), and the latest
+    model sent or produced (for rounds aggregated without being configured)."""
 
     def __init__(self) -> None:
         self.sent: dict[tuple[str, int], NamedArrays] = {}
         self.sampled: dict[tuple[str, int], set[int]] = {}
+        self.latest: NamedArrays | None = None
 
     def remember(
         self, purpose: str, server_round: int, arrays: NamedArrays, nodes: Iterable[int]
     ) -> None:
+        self.latest = arrays
         self.sent[(purpose, server_round)] = arrays
         self.sampled[(purpose, server_round)] = set(nodes)
         for key in [k for k in self.sent if k[0] == purpose and k[1] < server_round - 1]:
@@ -63,25 +66,37 @@ class _Remembered:
             self.sampled.pop(key, None)
 
     def pop(self, purpose: str, server_round: int) -> tuple[NamedArrays | None, set[int] | None]:
+        """The model sent and the nodes sampled for the round; for a training round this
+        strategy did not configure, the latest model (``None`` if none) and ``None``."""
         key = (purpose, server_round)
-        return self.sent.pop(key, None), self.sampled.pop(key, None)
+        sent = self.sent.pop(key, None)
+        if sent is None and purpose == "train":
+            logger.info(
+                "round %d: not configured by this strategy; its replies are read against "
+                "the latest model it sent or produced%s", server_round,
+                "" if self.latest is not None else " (none yet)",
+            )
+            return self.latest, None
+        return sent, self.sampled.pop(key, None)
 
 
-def _require_sent(arrays: NamedArrays | None, server_round: int) -> NamedArrays:
-    if arrays is None:
-        raise RuntimeError(
-            f"aggregating round {server_round}, which this strategy did not configure: the "
-            "global model the replies build on is unknown"
-        )
-    return arrays
-
-
-class MessageRounds:
-    """Round bookkeeping of a Message-API strategy."""
+class _RoundBook:
+    """What both APIs' bookkeeping shares: the memory, and the models produced."""
 
     def __init__(self, pipeline: HookPipeline) -> None:
         self.pipeline = pipeline
         self._memory = _Remembered()
+
+    def produced(self, arrays: NamedArrays | None, *, initial: bool = False) -> None:
+        """Note a new global model (an aggregation's result, or with ``initial`` the
+        initial model, which counts only while no other is known): the next round not
+        configured here builds on it."""
+        if arrays is not None and not (initial and self._memory.latest is not None):
+            self._memory.latest = arrays
+
+
+class MessageRounds(_RoundBook):
+    """Round bookkeeping of a Message-API strategy."""
 
     def configure(
         self,
@@ -106,13 +121,13 @@ class MessageRounds:
 
     def take(
         self, server_round: int, replies: Iterable[Message], weighted_by_key: str
-    ) -> tuple[NamedArrays, list[Message], list[ClientReply], set[int] | None]:
-        """The model sent in training round ``server_round``, the reply messages, their
-        readings and the sampled node ids."""
+    ) -> tuple[NamedArrays | None, list[Message], list[ClientReply], set[int] | None]:
+        """The model sent in training round ``server_round`` (see :meth:`_Remembered.pop`),
+        the reply messages, their readings and the sampled node ids (``None``: unknown)."""
         arrays, sampled = self._memory.pop("train", server_round)
         messages = list(replies)
         readings = [read_reply(m, weighted_by_key, i) for i, m in enumerate(messages)]
-        return _require_sent(arrays, server_round), messages, readings, sampled
+        return arrays, messages, readings, sampled
 
     def take_evaluation(
         self, server_round: int, replies: Iterable[Message], weighted_by_key: str
@@ -124,13 +139,9 @@ class MessageRounds:
         return arrays, messages, readings, sampled
 
 
-class LegacyRounds:
+class LegacyRounds(_RoundBook):
     """Round bookkeeping of a legacy-API strategy (which also needs the sampled nodes:
     legacy failures arrive without a node id)."""
-
-    def __init__(self, pipeline: HookPipeline) -> None:
-        self.pipeline = pipeline
-        self._memory = _Remembered()
 
     def configure(
         self,
@@ -166,14 +177,14 @@ class LegacyRounds:
         server_round: int,
         results: Sequence[tuple[ClientProxy, FitRes]],
         failures: Sequence[tuple[ClientProxy, FitRes] | BaseException],
-    ) -> tuple[NamedArrays, list[ClientReply], int, set[int] | None]:
-        """The model sent in ``server_round``, one :class:`ClientReply` per result, failed
-        result and silent sampled node, the number of bare exceptions, and the sampled
-        node ids."""
+    ) -> tuple[NamedArrays | None, list[ClientReply], int, set[int] | None]:
+        """The model sent in ``server_round`` (see :meth:`_Remembered.pop`), one
+        :class:`ClientReply` per result, failed result and silent sampled node, the number
+        of bare exceptions, and the sampled node ids (``None``: unknown)."""
         arrays, sampled = self._memory.pop("train", server_round)
         replies = [read_result(proxy, res, index) for index, (proxy, res) in enumerate(results)]
         replies, exceptions = _with_failures(server_round, replies, failures, sampled)
-        return _require_sent(arrays, server_round), replies, exceptions, sampled
+        return arrays, replies, exceptions, sampled
 
     def take_evaluation(
         self,
@@ -304,7 +315,7 @@ def read_evaluate_reply(
 def _record_count_problem(content: RecordDict, array_records: int | None) -> str | None:
     """Reason why a reply does not hold one MetricRecord (and ``array_records``
     ArrayRecords when given)."""
-    expected = [("MetricRecord", content.metric_records, 1)]
+    expected: list[tuple[str, Any, int]] = [("MetricRecord", content.metric_records, 1)]
     if array_records is not None:
         expected.insert(0, ("ArrayRecord", content.array_records, array_records))
     for kind, records, count in expected:

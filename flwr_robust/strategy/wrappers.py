@@ -34,7 +34,7 @@ from flwr.serverapp.strategy import Strategy
 
 from ..records import arrayrecord_views, tensor_views
 from ..validation import DEFAULT_MAX_NUM_EXAMPLES, reason
-from .engine import ClientReply, HookPipeline, RoundReport
+from .engine import ClientReply, HookPipeline, NamedArrays, RoundReport, majority_layout
 from .hooks import StrategyHook
 from .metrics import conforming_messages, conforming_results
 from .rounds import LegacyRounds, MessageRounds
@@ -113,12 +113,16 @@ class HookedStrategy(_Forwarding, Strategy):
             server_round, replies, self._count_key
         )
         report = RoundReport(server_round, type(self.strategy).__name__, len(messages))
-        passed = self.pipeline.screen(global_arrays, client_replies, report, sampled)
+        passed = self.pipeline.screen(
+            _reference(global_arrays, client_replies), client_replies, report, sampled
+        )
         passed, forwarded = _conforming_messages(messages, passed, report)
         arrays, metrics = self.strategy.aggregate_train(server_round, forwarded)
         report.kept = sorted(r.node_id for r in passed)
         report.aggregated = arrays is not None
-        self.pipeline.finish(report, None if arrays is None else arrayrecord_views(arrays), started)
+        new = None if arrays is None else arrayrecord_views(arrays)
+        self.rounds.produced(new)
+        self.pipeline.finish(report, new, started)
         if not messages:  # an empty round: exactly what the wrapped strategy returns
             return arrays, metrics
         metrics = MetricRecord() if metrics is None else metrics
@@ -186,14 +190,16 @@ class HookedLegacyStrategy(_Forwarding, LegacyStrategy):
         started = time.perf_counter()
         global_arrays, replies, _, sampled = self.rounds.take(server_round, results, failures)
         report = RoundReport(server_round, type(self.strategy).__name__, len(replies))
-        passed = self.pipeline.screen(global_arrays, replies, report, sampled)
+        reference = _reference(global_arrays, replies)
+        passed = self.pipeline.screen(reference, replies, report, sampled)
         passed, forwarded = _conforming_results(results, passed, report)
         parameters, metrics = self.strategy.aggregate_fit(server_round, forwarded, failures)
         report.kept = sorted(r.node_id for r in passed)
         report.aggregated = parameters is not None
         new = None
         if parameters is not None:
-            new = dict(zip(global_arrays, tensor_views(parameters.tensors).values(), strict=True))
+            new = dict(zip(reference, tensor_views(parameters.tensors).values(), strict=True))
+        self.rounds.produced(new)
         self.pipeline.finish(report, new, started)
         if not results and not failures:
             return parameters, metrics
@@ -220,8 +226,19 @@ class HookedLegacyStrategy(_Forwarding, LegacyStrategy):
         return self.strategy.evaluate(server_round, parameters)
 
 
-def _in_order(passed: Sequence[ClientReply]) -> list[ClientReply]:
-    return sorted((r for r in passed if r.source is not None), key=lambda r: r.source)
+def _reference(global_arrays: NamedArrays | None, replies: Sequence[ClientReply]) -> NamedArrays:
+    """What replies are checked against: the model sent, or for a round this wrapper did
+    not configure and with no model known, zeros in the layout most replies share (the
+    wrapped strategy aggregates the weights itself; hooks that bind replies to the model,
+    such as signature checks, then reject them: fail closed)."""
+    return global_arrays if global_arrays is not None else majority_layout(replies)
+
+
+def _in_order(passed: Sequence[ClientReply]) -> list[tuple[int, ClientReply]]:
+    """The replies with their positions in the round's input, in input order."""
+    return sorted(
+        ((r.source, r) for r in passed if r.source is not None), key=lambda pair: pair[0]
+    )
 
 
 def _drop_nonconforming(
@@ -245,8 +262,8 @@ def _conforming_messages(
     """The passed replies whose metrics conform (see :mod:`.metrics`) and the copies of
     their messages to forward, in the original order."""
     ordered = _in_order(passed)
-    positions, copies = conforming_messages([messages[r.source] for r in ordered])
-    return _drop_nonconforming(ordered, positions, report), copies
+    positions, copies = conforming_messages([messages[source] for source, _ in ordered])
+    return _drop_nonconforming([r for _, r in ordered], positions, report), copies
 
 
 def _conforming_results(
@@ -254,5 +271,5 @@ def _conforming_results(
 ) -> tuple[list[ClientReply], list[Any]]:
     """Like :func:`_conforming_messages` for legacy results."""
     ordered = _in_order(passed)
-    positions, copies = conforming_results([results[r.source] for r in ordered])
-    return _drop_nonconforming(ordered, positions, report), copies
+    positions, copies = conforming_results([results[source] for source, _ in ordered])
+    return _drop_nonconforming([r for _, r in ordered], positions, report), copies
