@@ -89,3 +89,23 @@ def test_flwr_run_with_signing_rejects_tampering_and_rogue_keys(tmp_path: Path, 
         assert all(v.startswith("key:") for n, v in record["identities"].items()
                    if int(n) in record["kept"])
     assert records[-1]["accuracy"] > records[0]["accuracy"] + 0.2
+
+
+USER_APP = Path(__file__).parent / "user_app"
+
+
+def test_a_users_own_server_app_shows_the_robust_log_lines(tmp_path: Path) -> None:
+    """A Flower quickstart with only the strategy import changed: under `flwr run` the
+    raised minimum, the robust summary and one line per round reach Flower's output, with
+    no set-up call in the app."""
+    outcome = flwr_run(
+        {}, flwr_home=tmp_path / "flwr-home", num_supernodes=5, app_dir=USER_APP,
+        app_files=("pyproject.toml", "quickstart_app.py"), timeout=600,
+    )
+    assert outcome.ok, (outcome.status, outcome.status_details, outcome.output[-3000:])
+    out = outcome.output
+    assert "Krum(num_malicious=1) needs at least 5 replies per round" in out, out[-3000:]
+    assert "Robust aggregation: Krum(num_malicious=1)" in out
+    for rnd in (1, 2):
+        assert f"round {rnd}: krum kept 1 of 5 replies; rejected 4 (excluded-by-rule 4)" in out
+    assert "rejected node" not in out  # per-node reasons stay at DEBUG

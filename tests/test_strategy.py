@@ -504,3 +504,31 @@ def test_legacy_stateless_aggregation_uses_the_initial_parameters() -> None:
     assert parameters is not None
     report = strategy.reports[-1]
     assert report.kept == [1, 2, 3] and "reference" not in report.info
+
+
+@pytest.mark.parametrize("api", ["message", "legacy"])
+def test_rule_classes_show_exactly_their_rules_parameters(api: str) -> None:
+    """The own-rule classes spell the rule's parameters out (for IDEs and type checkers):
+    they must stay those of the rule, with the same defaults."""
+    import inspect
+
+    from flwr_robust import legacy
+    from flwr_robust import strategy as message
+    from flwr_robust.aggregation import aggregator_class
+
+    module = message if api == "message" else legacy
+    names = ["GeometricMedian", "NormClipping", "CenteredClipping", "RFOut1d", "MeaMed", "Flame",
+             "FoolsGold", "ClusterFilter", "Reputation"]
+    for name in names:
+        cls = getattr(module, name)
+        shown = {
+            p.name: p.default for p in inspect.signature(cls).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+        rule = {
+            p.name: p.default
+            for p in inspect.signature(aggregator_class(cls.rule).__init__).parameters.values()
+            if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD
+        }
+        assert shown == rule, name
+        assert f"``{cls.rule}`` rule" in (cls.__doc__ or ""), name

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,8 @@ def format_run_config(values: Mapping[str, Any]) -> str:
 APP_FILES = ("pyproject.toml", "server_app", "client_app")
 
 
-def stage_app(app_dir: Path, target: Path) -> Path:
-    """Copy the app's entry points and pyproject to ``target`` and return it.
+def stage_app(app_dir: Path, target: Path, files: Sequence[str] = APP_FILES) -> Path:
+    """Copy the app's entry points and pyproject (``files``) to ``target`` and return it.
 
     ``flwr run`` walks the whole app directory to build the FAB (a ``.venv`` of tens of
     thousands of files costs seconds per run); the FAB only needs these files, since the
@@ -57,7 +57,7 @@ def stage_app(app_dir: Path, target: Path) -> Path:
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
-    for name in APP_FILES:
+    for name in files:
         source = app_dir / name
         if source.is_dir():
             shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -216,6 +216,7 @@ def flwr_run(
     num_supernodes: int = 5,
     client_cpus: int = 1,
     app_dir: Path = APP_DIR,
+    app_files: Sequence[str] = APP_FILES,
     timeout: float = 900.0,
     echo: bool = False,
     extra_env: Mapping[str, str] | None = None,
@@ -229,23 +230,27 @@ def flwr_run(
     flwr_home : Path
         A directory of this run's own (Flower's config, local SuperLink state and logs).
     num_supernodes : int
-        Simulated nodes. Unless ``run_config`` sets it, ``min-available-nodes`` is set to
-        this, so that no round starts before every node has registered.
+        Simulated nodes. For the bundled app, unless ``run_config`` sets it,
+        ``min-available-nodes`` is set to this, so that no round starts before every node
+        has registered.
     client_cpus : int
         CPUs Ray reserves per client (1 lets as many clients run at once as there are cores).
+    app_dir, app_files : Path, sequence of str
+        The app, and the files of it that ``flwr run`` needs (see :func:`stage_app`).
     echo : bool
         Also copy Flower's output to this process's stdout as it arrives.
     """
     flwr_home = Path(flwr_home).resolve()
     flwr_home.mkdir(parents=True, exist_ok=True)
     flwr = shutil.which("flwr", path=str(Path(sys.executable).parent)) or "flwr"
-    staged = stage_app(Path(app_dir), flwr_home / "app")
+    staged = stage_app(Path(app_dir), flwr_home / "app", app_files)
     command = [
         flwr, "run", str(staged), "--stream",
         "--federation-config",
         f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}",
     ]
-    run_config = {"min-available-nodes": num_supernodes, **run_config}
+    if Path(app_dir).resolve() == APP_DIR:  # the bundled app declares this key
+        run_config = {"min-available-nodes": num_supernodes, **run_config}
     command += ["--run-config", format_run_config(run_config)]
     env = flower_env(flwr_home, extra_env)
     lines: list[str] = []

@@ -158,10 +158,11 @@ class RobustStrategy(RobustStrategyMixin, FlowerFedAvg):
         """FedAvg's weighted loss over the evaluation results that pass validation and the
         hooks (duplicates, unsampled nodes, non-finite losses and forged results are left
         out, with the reason logged); the metrics function sees the results whose metrics
-        conform to the round's layout (see :mod:`.metrics`)."""
+        conform to the round's layout (see :mod:`.metrics`). With failures and
+        ``accept_failures=False``: ``(None, {})``, as in Flower."""
         global_arrays, replies, sampled = self.rounds.take_evaluation(server_round, results)
         valid, _ = self.engine.screen_evaluation(server_round, global_arrays, replies, sampled)
-        if not valid:
+        if not valid or (failures and not self.accept_failures):
             return None, {}
         kept = [results[r.source][1] for r in valid if r.source is not None]
         loss = weighted_loss_avg([(res.num_examples, res.loss) for res in kept])

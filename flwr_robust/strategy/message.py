@@ -292,6 +292,7 @@ class Krum(RobustStrategy):
         args = constructor_arguments(locals(), {"num_malicious_nodes": "num_malicious"})
         super().__init__(self.rule, **args)
         self.num_malicious_nodes = self.aggregator.params()["num_malicious"]
+        self.num_nodes_to_select = 1  # as Flower's Krum, a Multi-Krum selecting one
 
 
 class MultiKrum(RobustStrategy):
