@@ -532,3 +532,22 @@ def test_rule_classes_show_exactly_their_rules_parameters(api: str) -> None:
         }
         assert shown == rule, name
         assert f"``{cls.rule}`` rule" in (cls.__doc__ or ""), name
+
+
+def test_stateless_round_a_minority_layout_or_duplicate_cannot_set_the_reference() -> None:
+    """Without a model, the reference layout is the one most nodes send: a node sending
+    another shape, or several copies of one, is rejected and does not vote."""
+    model = global_model()
+    ins = train_instructions(Median(), model, [1, 2, 3, 4, 5])
+    honest = [reply(m, client_weights(model, float(i))) for i, m in enumerate(ins[:3])]
+    odd = {**model, "w": np.zeros((4, 3), np.float32)}
+    hostile = [reply(ins[3], odd), reply(ins[4], odd), reply(ins[4], odd)]
+    strategy = Median()
+    arrays, _ = strategy.aggregate_train(1, hostile + honest)
+    report = strategy.reports[-1]
+    node = [m.metadata.dst_node_id for m in ins]
+    assert report.kept == sorted(node[:3])
+    assert report.rejected[node[3]].startswith("shape-mismatch")
+    assert report.rejected[node[4]].startswith("duplicate-reply")
+    for name, value in as_numpy(arrays).items():
+        np.testing.assert_allclose(value, model[name] + 1.0, rtol=1e-6)
