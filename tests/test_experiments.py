@@ -424,16 +424,20 @@ def test_report_from_synthetic_rows(tmp_path: Path) -> None:
     assert summary.startswith("# Experiment `synthetic`")
     assert "24 runs finished, 1 failed, 5 not run yet (of 30 cells)" in summary
     assert summary.count("## iid") == 1 and summary.count("## dirichlet-0.5") == 1
-    # overview: defence x attack, accuracy (and ASR for backdoor columns), mean ± std
+    # overview: defence x attack, accuracy (and ASR for backdoor columns), mean ± 95% CI
+    # half-width over 2 seeds (t = 12.706: 0.071 std -> 0.635); bold: not significantly
+    # different from the column's best (2 seeds separate nothing but the constant ASRs)
     assert "| defence | none | scale | backdoor |" in summary
-    assert "| fedavg | 0.850 ± 0.071 | 0.100 ± 0.000 | 0.870 ± 0.014 / 0.900 ± 0.000 |" in summary
-    assert "| krum | 0.850 ± 0.000 | 0.700 ± 0.141 | 0.820 ± 0.028 / 0.050 ± 0.071 |" in summary
+    assert ("| fedavg | **0.850 ± 0.635** | **0.100 ± 0.000** | **0.870 ± 0.127** / "
+            "0.900 ± 0.000 |") in summary
+    assert ("| krum | **0.850 ± 0.000** | **0.700 ± 1.271** | **0.820 ± 0.254** / "
+            "**0.050 ± 0.635** |") in summary
     # details: one row per defence x attack x fraction, precision/recall where defined
     header = "| defence | attack | Byzantine | accuracy | ASR | precision | recall | seeds |"
     assert summary.count(header) == 2
-    assert ("| krum | scale | 0.2 (2) | 0.700 ± 0.141 | — | 0.50 ± 0.00 | 1.00 ± 0.00 | 2 |"
+    assert ("| krum | scale | 0.2 (2) | 0.700 ± 1.271 | — | 0.50 ± 0.00 | 1.00 ± 0.00 | 2 |"
             in summary)
-    assert "| fedavg | none | 0 (0) | 0.850 ± 0.071 | — | — | — | 2 |" in summary
+    assert "| fedavg | none | 0 (0) | 0.850 ± 0.635 | — | — | — | 2 |" in summary
     detail_rows = [line for line in summary.splitlines()
                    if line.startswith(("| fedavg | ", "| krum | ")) and line.count("|") == 9]
     assert len(detail_rows) == 2 * 6
@@ -451,8 +455,41 @@ def test_report_single_seed_has_no_std_and_no_optional_columns(tmp_path: Path) -
     tables = summary.split("## iid")[1]
     assert "±" not in tables and "ASR" not in tables
     assert "| defence | attack | Byzantine | accuracy | seeds |" in summary
-    assert "| fedavg | 0.900 | 0.100 |" in summary
+    assert "| fedavg | **0.900** | **0.100** |" in summary
     assert not any(p.name.startswith("asr_") for p in paths)
+
+
+def test_confidence_interval_by_hand() -> None:
+    # k = 3, mean 2, s = 1, t_{0.975, 2} = 4.302653: half-width 4.302653 / sqrt(3)
+    mean, half = report.confidence_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302653 / 3**0.5, rel=1e-6)
+    assert report.confidence_interval([0.7]) == (0.7, 0.0)
+    mean, half = report.confidence_interval([0.5, 0.5, 0.5, 0.5])
+    assert (mean, half) == (0.5, 0.0)
+    with pytest.raises(ValueError):
+        report.confidence_interval([])
+
+
+def test_indistinguishable_by_welch_test() -> None:
+    # far apart with small spread: different; overlapping noisy groups: not
+    assert not report.indistinguishable([0.90, 0.91, 0.89], [0.50, 0.52, 0.51])
+    assert report.indistinguishable([0.90, 0.70, 0.80], [0.85, 0.65, 0.95])
+    # constant groups compare by their means; one seed supports no test
+    assert report.indistinguishable([0.1, 0.1], [0.1, 0.1])
+    assert not report.indistinguishable([0.1, 0.1], [0.2, 0.2])
+    assert not report.indistinguishable([0.9], [0.8]) and report.indistinguishable([0.8], [0.8])
+    assert not report.indistinguishable([], [0.8])
+
+
+def test_best_marks_highest_and_lowest() -> None:
+    def group(values: list[float]) -> report.Group:
+        return report.Group(0, [{"final_accuracy": v, "final_asr": 1 - v} for v in values])
+
+    column = {"a": group([0.90, 0.91, 0.89]), "b": group([0.88, 0.92, 0.90]),
+              "c": group([0.50, 0.52, 0.51])}
+    assert report.best_marks(column, "final_accuracy", highest=True) == {"a", "b"}
+    assert report.best_marks(column, "final_asr", highest=False) == {"a", "b"}
+    assert report.best_marks(column, "missing", highest=True) == set()
 
 
 def test_report_without_rows_is_an_error(tmp_path: Path) -> None:

@@ -4,14 +4,16 @@ Reads ``rounds.jsonl`` (one row per finished run and round), ``runs.jsonl`` (one
 attempted run) and, when present, ``experiment.json`` of an output directory, and writes:
 
 - ``plots/accuracy_<attack>_<partitioning>.png``: test accuracy per round, a line per defence
-  (mean over seeds, a band of +- one std when there are several), a panel per Byzantine
-  fraction; a second row of panels with the attack success rate for backdoor attacks;
+  (mean over seeds, a band of the 95% confidence interval when there are several), a panel
+  per Byzantine fraction; a second row of panels with the attack success rate for backdoor attacks;
 - ``plots/final_accuracy_<partitioning>.png``: final accuracy heatmap, defence x attack;
 - ``plots/asr_<attack>.png``: final backdoor attack success rate heatmap, defence x
   partitioning, for every attack whose rows carry an attack success rate;
 - ``summary.md``: per partitioning, an overview (final accuracy per defence x attack, with the
-  ASR for backdoor attacks) and a detailed table (accuracy, ASR, detection precision/recall,
-  mean +- std over seeds), run times and the failed cells.
+  ASR for backdoor attacks; in bold the best defence of each column and those statistically
+  indistinguishable from it) and a detailed table (accuracy, ASR, detection precision/recall),
+  every value the mean over seeds with its 95% confidence interval, run times and the failed
+  cells.
 
 Run alone on an existing output directory: ``python -m flwr_robust.experiments.report OUT``.
 """
@@ -37,7 +39,11 @@ Row = dict[str, Any]
 GroupKey = tuple[str, str, str, float]  # partitioning, defence, attack, fraction
 SUMMARY, PLOTS = "summary.md", "plots"
 LEGEND = (
-    "Values are those of the final round (mean ± std over seeds where there are several). "
+    "Values are those of the final round: the mean over seeds ± the half-width of its 95% "
+    "confidence interval (Student's t, where there are several seeds). In the overview, bold "
+    "marks the best defence of each column (highest accuracy; lowest ASR) and every defence "
+    "not significantly different from it (Welch's t-test, two-sided, p ≥ 0.05; with one seed "
+    "only the best). "
     "ASR: backdoor attack success rate (share of triggered test inputs of non-target classes "
     "classified as the target). Precision/recall: the rule's rejections against the true "
     "Byzantine clients, averaged over the rounds where defined (— where no client was "
@@ -107,14 +113,15 @@ class Group:
         return float(np.mean(values)) if values else math.nan
 
     def text(self, key: str, digits: int = 3) -> str:
-        """``mean ± std`` (std over seeds, ddof=1) of ``key``, the mean alone for one run, or
-        ``—`` when undefined."""
+        """``mean ± h`` of ``key`` (``h`` the half-width of the 95% confidence interval over
+        seeds), the mean alone for one run, or ``—`` when undefined."""
         values = self.values(key)
         if not values:
             return "—"
+        mean, half_width = confidence_interval(values)
         if len(values) == 1:
-            return f"{values[0]:.{digits}f}"
-        return f"{np.mean(values):.{digits}f} ± {_std(values):.{digits}f}"
+            return f"{mean:.{digits}f}"
+        return f"{mean:.{digits}f} ± {half_width:.{digits}f}"
 
 
 @dataclass
@@ -193,6 +200,58 @@ def _std(values: Sequence[float]) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+#: Confidence level of every interval of the report.
+CONFIDENCE = 0.95
+#: Significance level of the "indistinguishable from the best" marks.
+ALPHA = 0.05
+
+
+def confidence_interval(values: Sequence[float], level: float = CONFIDENCE) -> tuple[float, float]:
+    """The mean of ``values`` and the half-width of its Student-t confidence interval
+    (``t_{(1+level)/2, k-1} * s / sqrt(k)`` over ``k`` seeds; 0 for a single value, where no
+    interval exists: the report then shows the mean alone)."""
+    from scipy.stats import t
+
+    k = len(values)
+    if k == 0:
+        raise ValueError("no values")
+    mean = float(np.mean(values))
+    if k == 1:
+        return mean, 0.0
+    return mean, float(t.ppf((1 + level) / 2, k - 1) * _std(values) / math.sqrt(k))
+
+
+def indistinguishable(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA) -> bool:
+    """Whether the means of two groups of seeds do not differ significantly: Welch's t-test,
+    two-sided, ``p >= alpha``. Groups without spread differ iff their means do; a group of
+    one seed supports no test, so only equal means count as indistinguishable."""
+    from scipy.stats import ttest_ind
+
+    if not a or not b:
+        return False
+    if len(a) < 2 or len(b) < 2 or (_constant(a) and _constant(b)):
+        return bool(np.isclose(np.mean(a), np.mean(b), rtol=1e-9, atol=1e-12))
+    # a group constant up to rounding is made exactly constant (no cancellation warning)
+    a, b = ([float(np.mean(v))] * len(v) if _constant(v) else v for v in (a, b))
+    return bool(ttest_ind(a, b, equal_var=False).pvalue >= alpha)
+
+
+def _constant(values: Sequence[float]) -> bool:
+    """Whether the values are equal up to rounding (Welch's test is undefined then)."""
+    return bool(np.ptp(values) <= 1e-12 * max(1.0, float(np.max(np.abs(values)))))
+
+
+def best_marks(groups: dict[str, Group], key: str, *, highest: bool) -> set[str]:
+    """The names among ``groups`` whose ``key`` is the best mean (highest or lowest) or not
+    significantly different from it (:func:`indistinguishable`)."""
+    defined = {name: g.values(key) for name, g in groups.items() if g.values(key)}
+    if not defined:
+        return set()
+    means = {name: float(np.mean(v)) for name, v in defined.items()}
+    best = (max if highest else min)(means, key=lambda name: (means[name], name))
+    return {name for name, v in defined.items() if indistinguishable(defined[best], v)}
+
+
 def plot_curves(results: Results, attack: str, partition: str, path: Path) -> None:
     """Accuracy (and ASR for backdoor attacks) per round, a line per defence."""
     from matplotlib import colormaps
@@ -216,11 +275,10 @@ def plot_curves(results: Results, attack: str, partition: str, path: Path) -> No
                 if not series:
                     continue
                 xs = sorted(series)
-                means = np.array([np.mean(series[x]) for x in xs])
-                stds = np.array([_std(series[x]) for x in xs])
+                means, widths = np.array([confidence_interval(series[x]) for x in xs]).T
                 (line,) = ax.plot(xs, means, marker="o", markersize=3, label=defence)
                 if any(len(series[x]) > 1 for x in xs):
-                    ax.fill_between(xs, means - stds, means + stds, alpha=0.15,
+                    ax.fill_between(xs, means - widths, means + widths, alpha=0.15,
                                     color=line.get_color())
             name = "accuracy" if metric == "accuracy" else "attack success rate"
             threat = f"{attack} (f={fraction:g})" if fraction else attack
@@ -329,14 +387,24 @@ def summary_markdown(results: Results, meta: dict[str, Any], plots: Sequence[Pat
         legend = " (backdoor columns: accuracy / ASR)" if results.backdoor_attacks else ""
         lines += [f"## {partition}", "", f"Final accuracy{legend}:", ""]
         header = ["defence", *(results.column_label(a, f) for a, f in results.columns())]
+        columns = []
+        for attack, fraction in results.columns():
+            column = {d: results.groups[(partition, d, attack, fraction)]
+                      for d in results.defences
+                      if (partition, d, attack, fraction) in results.groups}
+            columns.append((attack, column, best_marks(column, "final_accuracy", highest=True),
+                            best_marks(column, "final_asr", highest=False)))
         rows = []
         for defence in results.defences:
             cells = [defence]
-            for attack, fraction in results.columns():
-                group = results.groups.get((partition, defence, attack, fraction))
-                text = "—" if group is None else group.text("final_accuracy")
-                if group is not None and attack in results.backdoor_attacks:
-                    text += f" / {group.text('final_asr')}"
+            for attack, column, best_accuracy, best_asr in columns:
+                group = column.get(defence)
+                if group is None:
+                    cells.append("—")
+                    continue
+                text = _marked(group.text("final_accuracy"), defence in best_accuracy)
+                if attack in results.backdoor_attacks:
+                    text += f" / {_marked(group.text('final_asr'), defence in best_asr)}"
                 cells.append(text)
             rows.append(cells)
         lines += _table(header, rows)
@@ -359,6 +427,10 @@ def summary_markdown(results: Results, meta: dict[str, Any], plots: Sequence[Pat
               f"{r.get('seconds', 0):.0f}", r.get("log", "")] for r in failed],
         )
     return "\n".join(lines)
+
+
+def _marked(text: str, bold: bool) -> str:
+    return f"**{text}**" if bold and text != "—" else text
 
 
 def _detail_table(results: Results, partition: str) -> list[str]:
