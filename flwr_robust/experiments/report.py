@@ -221,19 +221,27 @@ def confidence_interval(values: Sequence[float], level: float = CONFIDENCE) -> t
     return mean, float(t.ppf((1 + level) / 2, k - 1) * _std(values) / math.sqrt(k))
 
 
-def indistinguishable(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA) -> bool:
-    """Whether the means of two groups of seeds do not differ significantly: Welch's t-test,
-    two-sided, ``p >= alpha``. Groups without spread differ iff their means do; a group of
-    one seed supports no test, so only equal means count as indistinguishable."""
-    from scipy.stats import ttest_ind
+def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided p-value of Welch's t-test of equal means (at least 2 values per group, not
+    both constant): ``t = (m_a - m_b) / sqrt(s_a^2/k_a + s_b^2/k_b)`` with Welch-Satterthwaite
+    degrees of freedom. A group constant up to rounding counts as exactly constant."""
+    from scipy.stats import t
 
+    va, vb = (0.0 if _constant(v) else _std(v) ** 2 / len(v) for v in (a, b))
+    statistic = abs(float(np.mean(a)) - float(np.mean(b))) / math.sqrt(va + vb)
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return float(2 * t.sf(statistic, dof))
+
+
+def indistinguishable(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA) -> bool:
+    """Whether the means of two groups of seeds do not differ significantly
+    (:func:`welch_p_value` ``>= alpha``). Groups without spread differ iff their means do; a
+    group of one seed supports no test, so only equal means count as indistinguishable."""
     if not a or not b:
         return False
     if len(a) < 2 or len(b) < 2 or (_constant(a) and _constant(b)):
         return bool(np.isclose(np.mean(a), np.mean(b), rtol=1e-9, atol=1e-12))
-    # a group constant up to rounding is made exactly constant (no cancellation warning)
-    a, b = ([float(np.mean(v))] * len(v) if _constant(v) else v for v in (a, b))
-    return bool(ttest_ind(a, b, equal_var=False).pvalue >= alpha)
+    return welch_p_value(a, b) >= alpha
 
 
 def _constant(values: Sequence[float]) -> bool:
