@@ -55,6 +55,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> int:
     """Handler: validate the config, run (or list) the grid, write the report."""
+    from .archive import archived_cells
     from .grid import load_config
     from .report import generate_report
     from .runner import FAILED, cell_dir, is_done, run_grid, select, write_tables
@@ -69,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--defences/--attacks name no table of the config: {unknown}")
     cells = select(config.cells(), args.defences, args.attacks)
     if args.list:
+        archived = archived_cells(config)
         for cell in cells:
             state = "done" if is_done(output, cell, config.rounds) else (
+                "archived" if cell.cell_id in archived else
                 "failed" if (cell_dir(output, cell) / FAILED).exists() else "pending")
             print(f"{state:8} {cell.cell_id}")
         print(f"{len(cells)} cells")
@@ -85,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
               f"{progress.skipped} finished, {progress.remaining} of {progress.total} left")
     paths = generate_report(output)
     print(f"report: {paths[-1]} and {len(paths) - 1} plots in {paths[-1].parent / 'plots'}")
-    failed = sum((cell_dir(output, cell) / FAILED).exists() for cell in cells)
+    archived = archived_cells(config)
+    failed = sum((cell_dir(output, cell) / FAILED).exists() and cell.cell_id not in archived
+                 for cell in cells)
     if failed:
         print(f"{failed} cells failed (details in summary.md); rerun to retry them",
               file=sys.stderr)

@@ -16,6 +16,9 @@ A config has four parts (every run-config key is kebab-case, as in ``pyproject.t
     cells-per-run = 16                    # optional: cells run back to back in one Flower
                                           # run (each from a fresh model), sharing its ~20 s
                                           # of start-up; 1 = one run per cell
+    archive = "docs/benchmark/cells.csv"  # optional: a committed CSV of finished cells
+                                          # (relative to the working directory): they are
+                                          # not run again, and every finished cell is added
 
     [run-config]                          # optional: fixed run-config keys of every run
     local-epochs = 2
@@ -90,7 +93,7 @@ AUTO_KEYS = ("num-malicious",)
 EXPERIMENT_KEYS = {
     "name": str, "output": str, "clients": int, "rounds": int, "seeds": list,
     "fractions": list, "partitionings": list, "timeout": float, "client-cpus": int,
-    "cells-per-run": int,
+    "cells-per-run": int, "archive": str,
 }
 REQUIRED_EXPERIMENT_KEYS = ("name", "output", "clients", "rounds", "seeds", "fractions",
                             "partitionings")
@@ -196,6 +199,7 @@ class ExperimentConfig:
     timeout: float = 900.0
     client_cpus: int = 1
     cells_per_run: int = 16
+    archive: Path | None = None
 
     def clean(self, attack: str) -> bool:
         """Whether attack entry ``attack`` is the clean baseline (no Byzantine clients)."""
@@ -467,6 +471,7 @@ def parse_config(raw: Mapping[str, Any], app_dir: Path = APP_DIR) -> ExperimentC
         defences=defences, defence_fractions=defence_fractions, attacks=attacks,
         timeout=section.get("timeout", 900.0), client_cpus=section.get("client-cpus", 1),
         cells_per_run=section.get("cells-per-run", 16),
+        archive=Path(section["archive"]) if section.get("archive") else None,
     )
     _validate_cells(config)
     return config

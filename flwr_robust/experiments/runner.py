@@ -16,7 +16,8 @@ Output directory layout::
     OUT/experiment.json                 name, clients, rounds and number of cells of the grid
 
 A cell is finished when its ``done.json`` exists and its results file holds rounds
-``0..rounds``; every other cell (never run, failed, interrupted) is run again from scratch.
+``0..rounds``, or when the config's archive holds it (see :mod:`.archive`; a local result takes
+precedence); every other cell (never run, failed, interrupted) is run again from scratch.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..runtime.launch import RunOutcome, flwr_run
+from .archive import archived_cells, write_archive
 from .grid import Cell, ExperimentConfig
 from .report import read_jsonl, run_metrics
 
@@ -203,10 +205,15 @@ def run_grid(
     rewrite the tables of every finished cell (:func:`write_tables`)."""
     output = output.resolve()
     cells = select(config.cells(), defences, attacks)
-    pending = [c for c in cells if not is_done(output, c, config.rounds)]
+    archived = archived_cells(config)
+    pending = [c for c in cells
+               if c.cell_id not in archived and not is_done(output, c, config.rounds)]
     todo = pending if max_cells is None else pending[:max_cells]
     if progress and len(pending) < len(cells):
-        tqdm.write(f"{len(cells) - len(pending)} of {len(cells)} cells already finished")
+        from_archive = sum(c.cell_id in archived for c in cells)
+        tqdm.write(f"{len(cells) - len(pending)} of {len(cells)} cells already finished "
+                   f"({from_archive} in the archive {config.archive})" if from_archive else
+                   f"{len(cells) - len(pending)} of {len(cells)} cells already finished")
     failed = 0
     bar = tqdm(total=len(todo), desc=config.name, unit="cell", disable=not progress)
     size = config.cells_per_run
@@ -226,14 +233,19 @@ def run_grid(
 def collect(
     config: ExperimentConfig, output: Path
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Round rows of every finished cell and run rows of every attempted one, in grid order."""
+    """Round rows of every finished cell (run here, else from the archive) and run rows of
+    every attempted one, in grid order."""
     rounds: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
+    archived = archived_cells(config)
     for cell in config.cells():
         directory = cell_dir(output, cell)
         if is_done(output, cell, config.rounds):
             rounds += round_rows(cell, read_jsonl(directory / RESULTS))
             runs += read_jsonl(directory / DONE)
+        elif cell.cell_id in archived:
+            rounds += archived[cell.cell_id][0]
+            runs.append(archived[cell.cell_id][1])
         elif (directory / FAILED).exists():
             runs += read_jsonl(directory / FAILED)
     return rounds, runs
@@ -256,9 +268,11 @@ def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]
 
 def write_tables(config: ExperimentConfig, output: Path) -> tuple[int, int]:
     """(Re)write ``rounds.jsonl``, ``rounds.csv``, ``runs.jsonl`` and ``experiment.json``
-    from the cell directories; returns the numbers of round rows and run rows."""
+    from the cell directories and the archive, and the archive itself when the config has
+    one; returns the numbers of round rows and run rows."""
     output.mkdir(parents=True, exist_ok=True)
     rounds, runs = collect(config, output)
+    write_archive(config, rounds, runs, ROUND_COLUMNS)
     write_jsonl(output / "rounds.jsonl", rounds)
     write_csv(output / "rounds.csv", rounds, ROUND_COLUMNS)
     write_jsonl(output / "runs.jsonl", runs)
