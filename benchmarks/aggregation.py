@@ -50,6 +50,11 @@ RULES: dict[str, tuple[Callable[[int], dict], float | None]] = {
     "cluster": (lambda f: {}, None),
     "cluster/hdbscan": (lambda f: {"method": "hdbscan"}, None),
     "foolsgold": (lambda f: {}, None),
+    "dnc": (lambda f: {"num_malicious": f}, None),
+    "signguard": (lambda f: {}, None),
+    "robust_lr": (lambda f: {}, None),
+    # a fresh rule: its first round (the base rule, plus storing the n updates: 4*n*d bytes)
+    "fldetector": (lambda f: {"num_malicious": f}, None),
     "reputation": (lambda f: {"base_rule": "multi_krum", "num_malicious": f}, None),
     "krum/nnm": (lambda f: {"num_malicious": f, "pre": "nnm"}, None),
     "median/nnm": (lambda f: {"num_malicious": f, "pre": "nnm"}, None),

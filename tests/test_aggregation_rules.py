@@ -30,6 +30,10 @@ def flat_update(result: AggregationResult) -> np.ndarray:
     return np.concatenate([layer.ravel() for layer in result.update])
 
 
+#: Parameters a rule cannot run without (FLTrust's server update: a fixed direction).
+REQUIRED_PARAMS = {"fltrust": {"server_update_fn": lambda w: [np.ones_like(x) for x in w]}}
+
+
 # ----------------------------------------------------------------------------- registry
 def test_registry_lists_the_issue_rules() -> None:
     expected = {
@@ -294,7 +298,7 @@ def test_inputs_untouched_output_float32_same_shapes(name: str) -> None:
     base = [np.full(layer.shape, 0.5, dtype=np.float32) for layer in updates[1]]
     snapshot = [[layer.copy() for layer in u] for u in updates]
     base_snapshot = [layer.copy() for layer in base]
-    rule = get_aggregator(name)
+    rule = get_aggregator(name, **REQUIRED_PARAMS.get(name, {}))
     for kwargs in ({}, {"base": base}):
         result = rule(
             updates, num_examples=list(range(1, 12)), client_ids=list("abcdefghijk"), **kwargs
@@ -318,6 +322,7 @@ def test_base_is_subtracted_lazily(name: str) -> None:
     deltas = [[w - b for w, b in zip(u, base, strict=True)] for u in weights]
     ids = [f"c{i}" for i in range(len(updates))]
     seeded = {"seed": 0} if "seed" in aggregator_parameters(name) else {}  # same noise draws
+    seeded.update(REQUIRED_PARAMS.get(name, {}))
     direct = get_aggregator(name, **seeded)(deltas, client_ids=ids)
     lazy = get_aggregator(name, **seeded)(weights, base=base, client_ids=ids)
     np.testing.assert_allclose(flat_update(lazy), flat_update(direct), rtol=1e-5, atol=1e-6)

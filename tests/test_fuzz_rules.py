@@ -44,6 +44,17 @@ RULES = {
     "cluster_hdbscan": ("cluster", lambda f: {"method": "hdbscan"}, None),
     "cluster_kmeans": ("cluster", lambda f: {}, None),
     "foolsgold": ("foolsgold", lambda f: {}, None),
+    "cluster_kmeans3": ("cluster", lambda f: {"n_clusters": 3}, None),
+    # one spectral direction per iteration: scattered outliers can survive (no guarantee)
+    "dnc": ("dnc", lambda f: {"num_malicious": f}, None),
+    # an outlier of the honest norm and signs passes both filters
+    "signguard": ("signguard", lambda f: {}, None),
+    "robust_lr": ("robust_lr", lambda f: {"rlr_threshold": 2}, None),
+    # a single round: its base rule (the median) on every client
+    "fldetector": ("fldetector", lambda f: {"num_malicious": f}, "box"),
+    # server update: a fixed direction (its norm bound is tested in test_fltrust)
+    "fltrust": ("fltrust", lambda f: {"server_update_fn": lambda w: [np.ones_like(x) for x in w]},
+                None),
     "reputation": ("reputation", lambda f: {"num_malicious": f}, "box"),
     "krum_nnm": ("krum", lambda f: {"num_malicious": f, "pre": "nnm"}, "ball"),
     "median_nnm": ("median", lambda f: {"num_malicious": f, "pre": "nnm"}, "ball"),
@@ -153,7 +164,7 @@ def test_bulyan(case: Case) -> None:
 
 @given(case=cases())
 def test_iterative_and_clipping_rules(case: Case) -> None:
-    for label in ("geometric_median", "centered_clip", "norm_clip", "fedavg"):
+    for label in ("geometric_median", "centered_clip", "norm_clip", "fedavg", "fltrust"):
         check_rule(label, case)
 
 
@@ -165,5 +176,11 @@ def test_pre_aggregation(case: Case) -> None:
 
 @given(case=cases())
 def test_clustering_and_history_rules(case: Case) -> None:
-    for label in ("flame", "cluster_hdbscan", "cluster_kmeans", "foolsgold"):
+    for label in ("flame", "cluster_hdbscan", "cluster_kmeans", "cluster_kmeans3", "foolsgold"):
+        check_rule(label, case)
+
+
+@given(case=cases())
+def test_issue13_rules(case: Case) -> None:
+    for label in ("dnc", "signguard", "robust_lr", "fldetector"):
         check_rule(label, case)

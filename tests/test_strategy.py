@@ -518,7 +518,8 @@ def test_rule_classes_show_exactly_their_rules_parameters(api: str) -> None:
 
     module = message if api == "message" else legacy
     names = ["GeometricMedian", "NormClipping", "CenteredClipping", "RFOut1d", "MeaMed", "Flame",
-             "FoolsGold", "ClusterFilter", "Reputation"]
+             "FoolsGold", "ClusterFilter", "Reputation", "FLTrust", "DnC", "SignGuard",
+             "RobustLR", "FLDetector"]
     for name in names:
         cls = getattr(module, name)
         shown = {

@@ -13,17 +13,25 @@ from . import (  # noqa: F401 (registers)
     clustering,
     coordinate,
     distance,
+    dnc,
+    fldetector,
+    fltrust,
     foolsgold,
     geometric,
     mean,
     reputation,
     rfout,
+    robust_lr,
+    signguard,
 )
 from .base import AggregationResult, Aggregator
 from .clipping import NormClipping
 from .clustering import ClusterFilter, Flame
 from .coordinate import MeaMed, Median, TrimmedMean
 from .distance import Bulyan, Krum, MultiKrum
+from .dnc import DnC
+from .fldetector import FLDetector
+from .fltrust import FLTrust
 from .foolsgold import FoolsGold
 from .geometric import CenteredClipping, GeometricMedian
 from .matrix import AnchoredGram, MixedUpdateMatrix, UpdateMatrix
@@ -47,6 +55,8 @@ from .registry import (
 )
 from .reputation import Reputation
 from .rfout import RFOut1d
+from .robust_lr import RobustLR
+from .signguard import SignGuard
 
 __all__ = [
     "AdaptiveRobustClipping",
@@ -57,6 +67,9 @@ __all__ = [
     "Bulyan",
     "CenteredClipping",
     "ClusterFilter",
+    "DnC",
+    "FLDetector",
+    "FLTrust",
     "FedAvg",
     "Flame",
     "FoolsGold",
@@ -72,6 +85,8 @@ __all__ = [
     "PreAggregation",
     "RFOut1d",
     "Reputation",
+    "RobustLR",
+    "SignGuard",
     "TrimmedMean",
     "UpdateMatrix",
     "aggregator_class",

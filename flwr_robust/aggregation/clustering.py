@@ -1,5 +1,5 @@
 """Clustering defences: FLAME (HDBSCAN on cosine distances, clipping, noise) and a
-largest-cluster filter (k-means with k=2 or HDBSCAN).
+largest-cluster filter (k-means, k = 2 by default, or HDBSCAN).
 
 Both work from one ``n x n`` Gram matrix of the updates: cosine and Euclidean distances,
 and an exact ``n``-dimensional embedding for k-means, come from it, so the d-dimensional
@@ -9,6 +9,7 @@ data is read once for the Gram matrix and once for the output.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import numpy as np
@@ -192,6 +193,21 @@ def embed(gram: np.ndarray) -> np.ndarray:
     return vectors * np.sqrt(np.maximum(values, 0.0))[None, :]
 
 
+def farthest_point_seeds(distances: np.ndarray, count: int) -> list[int]:
+    """Up to ``count`` distinct points: the two farthest apart, then repeatedly the point
+    farthest from those chosen (ties to the earlier index); fewer when fewer points differ."""
+    first, second = np.unravel_index(np.argmax(distances), distances.shape)
+    seeds = [int(first), int(second)]
+    nearest = np.minimum(distances[first], distances[second])
+    while len(seeds) < count:
+        candidate = int(np.argmax(nearest))
+        if nearest[candidate] <= 0:
+            break
+        seeds.append(candidate)
+        nearest = np.minimum(nearest, distances[candidate])
+    return seeds
+
+
 @register
 class ClusterFilter(Aggregator):
     """Largest-cluster filter: cluster the updates, keep the largest cluster, average it.
@@ -206,11 +222,13 @@ class ClusterFilter(Aggregator):
     It assumes the benign clients form the largest group; colluders that outnumber them, or
     hide inside their spread (ALIE), are kept.
 
-    - ``method="kmeans"``: k-means with ``k = 2``. It runs on an exact ``n``-dimensional
-      embedding of the updates (same pairwise distances, from the Gram matrix), starting
-      from the two updates farthest apart, so it is deterministic and independent of the
-      clients' order (no seed needed). With no attacker present it still splits the
-      honest updates in two and drops the smaller part.
+    - ``method="kmeans"``: k-means with ``k = n_clusters`` (2 by default; at most the
+      number of distinct updates). It runs on an exact ``n``-dimensional embedding of the
+      updates (same pairwise distances, from the Gram matrix), starting from the two
+      updates farthest apart and then, for ``k > 2``, from the update farthest from those
+      already chosen (farthest-point seeding; ties to the earlier update), so it is
+      deterministic and independent of the clients' order (no seed needed). With no
+      attacker present it still splits the honest updates and keeps only the largest part.
     - ``method="hdbscan"``: HDBSCAN on the pairwise distances (``min_cluster_size``, a
       single cluster allowed); noise points are rejected. When every update is noise the
       round is skipped (zero update, all rejected, warning, ``info["no_cluster"] = 1``).
@@ -240,12 +258,18 @@ class ClusterFilter(Aggregator):
         What is clustered, see above.
     min_cluster_size : int
         HDBSCAN's smallest cluster (capped at ``n``); unused by k-means.
+    n_clusters : int
+        k-means' ``k`` (at least 2); unused by HDBSCAN.
     """
 
     name = "cluster"
 
     def __init__(
-        self, method: str = "kmeans", metric: str = "euclidean", min_cluster_size: int = 2
+        self,
+        method: str = "kmeans",
+        metric: str = "euclidean",
+        min_cluster_size: int = 2,
+        n_clusters: int = 2,
     ) -> None:
         if method not in METHODS:
             raise InvalidParameterError(f"method must be one of {METHODS}, got {method!r}")
@@ -254,6 +278,7 @@ class ClusterFilter(Aggregator):
         self.method = method
         self.metric = metric
         self.min_cluster_size = check_int("min_cluster_size", min_cluster_size, minimum=2)
+        self.n_clusters = check_int("n_clusters", n_clusters, minimum=2)
 
     def min_clients(self) -> int:
         return 2
@@ -270,9 +295,11 @@ class ClusterFilter(Aggregator):
         from sklearn.cluster import KMeans  # lazy, see hdbscan_labels
 
         points = embed(inner)
-        first, second = np.unravel_index(np.argmax(distances), distances.shape)
-        model = KMeans(n_clusters=2, init=points[[first, second]], n_init=1)
-        return model.fit(points).labels_
+        seeds = farthest_point_seeds(distances, self.n_clusters)
+        model = KMeans(n_clusters=len(seeds), init=points[seeds], n_init=1)
+        with warnings.catch_warnings():  # seeds apart by rounding only: fewer clusters, fine
+            warnings.filterwarnings("ignore", message="Number of distinct clusters")
+            return model.fit(points).labels_
 
     def _aggregate(
         self, matrix: UpdateMatrix, num_examples: np.ndarray | None, client_ids: list[Any] | None

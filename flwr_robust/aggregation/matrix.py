@@ -531,6 +531,17 @@ class UpdateMatrix:
         if self._base is not None and base_weight:
             out += base_weight * self._base[layer].astype(np.float64)
 
+    def base_layers(self) -> list[np.ndarray] | None:
+        """The ``base`` the client rows are offset by (the global model the updates build
+        on), as read-only layer views of the update shapes; ``None`` when the rows are the
+        updates as given (relative to the zero model)."""
+        if self._base is None:
+            return None
+        layers = [flat.reshape(shape) for flat, shape in zip(self._base, self.shapes, strict=True)]
+        for layer in layers:
+            layer.flags.writeable = False
+        return layers
+
     def row(self, index: int) -> np.ndarray:
         """One row as a new flat float32 vector."""
         out = np.empty(self.d, dtype=np.float32)
@@ -648,6 +659,10 @@ class MixedUpdateMatrix(UpdateMatrix):
         extended._gram = None
         extended._classify()
         return extended
+
+    def base_layers(self) -> list[np.ndarray] | None:
+        """The source's ``base`` (mixing deltas keeps their reference model)."""
+        return self.source.base_layers()
 
     def subset(self, rows: Sequence[int] | np.ndarray) -> MixedUpdateMatrix:
         """The mixed rows ``rows`` only."""

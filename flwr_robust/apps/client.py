@@ -19,7 +19,14 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client import Client, NumPyClient
 
-from ..attacks import Attack, AttackContext, attack_params_from_config, get_attack
+from ..attacks import (
+    Attack,
+    AttackContext,
+    attack_params_from_config,
+    get_attack,
+    poisoned_training,
+)
+from ..attacks.data import TrainingOptions
 from ..records import arrayrecord_views
 from ..task.data import load_partition
 from ..task.models import get_named_weights, set_weights
@@ -93,6 +100,8 @@ class LocalTrainer:
         self.model = build_global_model(settings, self.train_data)
         self.names = list(get_named_weights(self.model))
         self._honest: dict[int, list[np.ndarray]] = {}
+        #: The global models of the (at most two) latest rounds a Byzantine node received.
+        self._globals: list[tuple[int, list[np.ndarray]]] = []
 
     def named(self, arrays: Mapping[str, np.ndarray] | list[np.ndarray]) -> NamedArrays:
         """Received arrays by this model's layer names (legacy lists arrive by position)."""
@@ -112,7 +121,13 @@ class LocalTrainer:
         self._honest = {server_round: delta}
         return delta, metrics
 
-    def _fit(self, data: Any, config: Mapping[str, Any], server_round: int) -> dict[str, float]:
+    def _fit(
+        self,
+        data: Any,
+        config: Mapping[str, Any],
+        server_round: int,
+        options: TrainingOptions | None = None,
+    ) -> dict[str, float]:
         return train(
             self.model,
             data,
@@ -121,7 +136,39 @@ class LocalTrainer:
             batch_size=self.settings.batch_size,
             momentum=self.settings.momentum,
             seed=self.settings.seed * 100_003 + server_round * 1_009 + self.partition_id,
+            **({} if options is None else self._training_keywords(options)),
         )
+
+    def _training_keywords(self, options: TrainingOptions) -> dict[str, Any]:
+        """An attack's training options as :func:`train` keywords keyed by parameter name."""
+        parameters = {name for name, _ in self.model.named_parameters()}
+
+        def by_name(layers: list[np.ndarray] | None) -> dict[str, np.ndarray] | None:
+            if layers is None:
+                return None
+            named = zip(self.names, layers, strict=True)
+            return {name: layer for name, layer in named if name in parameters}
+
+        return {
+            "gradient_mask": by_name(options.gradient_mask),
+            "proximal_anchor": by_name(options.proximal_anchor),
+            "anomaly_weight": options.anomaly_weight,
+        }
+
+    def _previous_global(
+        self, global_arrays: NamedArrays, server_round: int
+    ) -> list[np.ndarray] | None:
+        """The latest global model received before ``server_round`` (None: none seen); keeps
+        a copy of this round's."""
+        earlier = [entry for entry in self._globals if entry[0] < server_round]
+        if all(r != server_round for r, _ in self._globals):
+            current = [np.array(a, copy=True) for a in global_arrays.values()]
+            self._globals = [*earlier[-1:], (server_round, current)]
+        return earlier[-1][1] if earlier else None
+
+    def colluder_index(self, role: Role) -> int:
+        """This node's position among the sorted Byzantine partition ids."""
+        return sorted({*role.colluders, self.partition_id}).index(self.partition_id)
 
     def cached_honest_delta(
         self, global_arrays: NamedArrays, config: Mapping[str, Any], server_round: int
@@ -138,24 +185,19 @@ class LocalTrainer:
         server_round: int,
         role: Role,
     ) -> tuple[NamedArrays, int, dict[str, float]]:
-        """New weights, claimed example count and metrics for one training instruction."""
-        attack = role.attack
+        """New weights, claimed example count and metrics for one training instruction.
+
+        A Byzantine node attacks only inside the run's attack window
+        (:meth:`RunSettings.attack_active`) and trains honestly outside it; it remembers the
+        global models it receives either way (``AttackContext.previous_global_weights``).
+        """
+        previous = self._previous_global(global_arrays, server_round) if role.byzantine else None
+        attack = role.attack if self.settings.attack_active(server_round) else None
         count = len(self.train_data)
         if attack is None:
             delta, metrics = self.honest_delta(global_arrays, config, server_round)
             return self._apply(global_arrays, delta), count, metrics
         rng = np.random.default_rng([self.settings.seed, server_round, self.partition_id])
-        if attack.skips_training:
-            set_weights(self.model, list(global_arrays.values()))
-            loss, accuracy = evaluate(self.model, self.train_data)
-            delta = [np.zeros_like(g) for g in global_arrays.values()]
-            metrics = {"loss": loss, "accuracy": accuracy}
-        else:
-            set_weights(self.model, list(global_arrays.values()))
-            metrics = self._fit(attack.poison_data(self.train_data, rng), config, server_round)
-            delta = [
-                w - g for w, g in zip(self.weights().values(), global_arrays.values(), strict=True)
-            ]
         context = AttackContext(
             server_round=server_round,
             num_clients=self.num_partitions,
@@ -168,7 +210,21 @@ class LocalTrainer:
                 )
                 for p in role.colluders
             ],
+            colluder_index=self.colluder_index(role),
+            previous_global_weights=previous,
+            colluder_rng=np.random.default_rng([self.settings.seed, server_round]),
         )
+        set_weights(self.model, list(global_arrays.values()))
+        if attack.skips_training:
+            loss, accuracy = evaluate(self.model, self.train_data)
+            delta = [np.zeros_like(g) for g in global_arrays.values()]
+            metrics = {"loss": loss, "accuracy": accuracy}
+        else:
+            data, options = poisoned_training(attack, self.train_data, context)
+            metrics = self._fit(data, config, server_round, options)
+            delta = [
+                w - g for w, g in zip(self.weights().values(), global_arrays.values(), strict=True)
+            ]
         poisoned = attack.poison_update(delta, context)
         return self._apply(global_arrays, poisoned), attack.claimed_examples(count), metrics
 

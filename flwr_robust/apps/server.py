@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -28,8 +29,14 @@ from flwr.server.compat import start_grid
 from flwr.serverapp import Grid
 
 from .. import make_strategy
-from ..aggregation import get_aggregator
-from ..attacks import Backdoor, OmniscientAttackHook, attack_class, attack_params_from_config
+from ..aggregation import aggregator_parameters, get_aggregator
+from ..attacks import (
+    OmniscientAttackHook,
+    TriggerAttack,
+    attack_class,
+    attack_params_from_config,
+    get_attack,
+)
 from ..config import kwargs_from_config
 from ..ops.anomaly import AnomalyDetectionHook
 from ..ops.audit import AuditLog
@@ -40,7 +47,7 @@ from ..security.hooks import SignGlobalModel, VerifyUpdateSignatures
 from ..strategy import RobustAggregation, StrategyHook
 from ..task.data import Dataset, load_dataset
 from ..task.models import build_model, default_model, get_named_weights, set_weights
-from ..task.training import evaluate, predict
+from ..task.training import evaluate, predict, train
 from .settings import RunSettings, cell_run_config, parse_cells
 
 logger = logging.getLogger("flwr.robust")
@@ -97,7 +104,10 @@ class CentralEvaluation:
     ``results-file`` (one JSON object per line) when one is configured.
 
     With Byzantine ground truth it adds detection ``precision`` and ``recall``; with a
-    backdoor attack, the ``attack_success_rate`` on triggered test inputs.
+    backdoor attack (a :class:`~flwr_robust.attacks.TriggerAttack`), the
+    ``attack_success_rate`` of its (global) trigger on triggered test inputs, every round,
+    also after an ``attack-stop-round``; for a distributed trigger (DBA) also
+    ``attack_success_rate_local``, one rate per local trigger.
     """
 
     def __init__(
@@ -107,7 +117,7 @@ class CentralEvaluation:
         test: Dataset,
         engine: RobustAggregation,
         byzantine_nodes: frozenset[int] = frozenset(),
-        backdoor: Backdoor | None = None,
+        backdoor: TriggerAttack | None = None,
         roster: dict[int, int] | None = None,
         *,
         round_offset: int = 0,
@@ -144,6 +154,10 @@ class CentralEvaluation:
         asr = None
         if self.backdoor is not None:
             asr = self.backdoor.success_rate(lambda x: predict(self.model, x), self.test)
+            if len(self.backdoor.local_triggers()) > 1:
+                record["attack_success_rate_local"] = self.backdoor.local_success_rates(
+                    lambda x: predict(self.model, x), self.test
+                )
         precision = recall = None
         if report is not None and self.byzantine_nodes:
             participants = set(report.identities)
@@ -204,6 +218,71 @@ def integrity_hooks(keys_dir: Path, run_id: int) -> list[StrategyHook]:
         VerifyUpdateSignatures(store, run_id),
         SignGlobalModel(load_private_key(layout.server_key), run_id),
     ]
+
+
+#: Mixed into the run seed for FLTrust's root dataset and server training shuffles.
+FLTRUST_SEED_TAG = 0x464C54
+
+
+def split_root_dataset(test: Dataset, size: int, seed: int) -> tuple[Dataset, Dataset]:
+    """FLTrust's root dataset: ``size`` samples of the test split drawn with ``seed``, and
+    the other test samples, the only ones the central evaluation then uses (disjoint)."""
+    if not 0 < size < len(test):
+        raise ValueError(
+            f"run config 'fltrust-root-size' must be in 1..{len(test) - 1} (the test split "
+            f"has {len(test)} samples; the rest is kept for central evaluation), got {size}"
+        )
+    chosen = np.random.default_rng([seed, FLTRUST_SEED_TAG]).choice(len(test), size, replace=False)
+    rest = np.setdiff1d(np.arange(len(test)), chosen)
+    return test.subset(np.sort(chosen)), test.subset(rest)
+
+
+class RootDatasetUpdate:
+    """FLTrust's ``server_update_fn``: trains a copy of the model from the global weights on
+    the root dataset with the clients' local hyperparameters (epochs, learning rate, batch
+    size, momentum) and returns the trained weights minus the global ones."""
+
+    def __init__(self, model: torch.nn.Module, root: Dataset, settings: RunSettings) -> None:
+        self.model = copy.deepcopy(model)
+        self.root = root
+        self.settings = settings
+        self.calls = 0
+
+    def __call__(self, weights: list[np.ndarray]) -> list[np.ndarray]:
+        set_weights(self.model, weights)
+        seed = np.random.default_rng([self.settings.seed, FLTRUST_SEED_TAG, self.calls])
+        self.calls += 1
+        train(
+            self.model,
+            self.root,
+            epochs=self.settings.local_epochs,
+            learning_rate=self.settings.learning_rate,
+            batch_size=self.settings.batch_size,
+            momentum=self.settings.momentum,
+            seed=int(seed.integers(2**31)),
+        )
+        trained = get_named_weights(self.model).values()
+        return [w - g for w, g in zip(trained, weights, strict=True)]
+
+    def __repr__(self) -> str:
+        return f"RootDatasetUpdate({len(self.root)} samples)"
+
+
+def with_server_update(
+    settings: RunSettings, rule_params: dict[str, Any], model: torch.nn.Module, test: Dataset
+) -> tuple[dict[str, Any], Dataset]:
+    """The rule parameters and the central-evaluation data: for a rule that takes a
+    ``server_update_fn`` (``fltrust``, also behind a pre-aggregation stage or as reputation's
+    base rule), a :class:`RootDatasetUpdate` on a root set split off the test data, which the
+    evaluation then no longer uses; otherwise both unchanged."""
+    accepted = aggregator_parameters(settings.strategy, pre=rule_params.get("pre"),
+                                     params=rule_params)
+    if "server_update_fn" not in accepted:
+        return rule_params, test
+    root, rest = split_root_dataset(test, settings.fltrust_root_size, settings.seed)
+    logger.info("%s: root dataset of %d test samples; central evaluation on the other %d",
+                settings.strategy, len(root), len(rest))
+    return {**rule_params, "server_update_fn": RootDatasetUpdate(model, root, settings)}, rest
 
 
 EvaluationListener = Callable[[int, dict[str, Any]], None]
@@ -362,7 +441,7 @@ def _run(
             f"'num-server-rounds' is {settings.num_server_rounds}: nothing left to run"
         )
     cell_config = {} if cell is None else {"experiment-cell": cell}
-    rule_params = settings.rule_params(run_config)
+    rule_params, test = with_server_update(settings, settings.rule_params(run_config), model, test)
     hooks: list[StrategyHook] = []
     if settings.signing:
         hooks += integrity_hooks(Path(settings.keys_dir), run_id)
@@ -382,9 +461,12 @@ def _run(
             params = attack_params_from_config(settings.attack, run_config)
             hooks.append(OmniscientAttackHook(settings.attack, byzantine_nodes, params))
     hooks += ops.hooks
-    backdoor = None
-    if settings.attack and attack_class(settings.attack) is Backdoor:
-        backdoor = Backdoor(**attack_params_from_config("backdoor", run_config))
+    backdoor = None  # the attack whose success rate the central evaluation reports
+    if settings.attack and issubclass(attack_class(settings.attack), TriggerAttack):
+        attack = get_attack(settings.attack,
+                            **attack_params_from_config(settings.attack, run_config))
+        assert isinstance(attack, TriggerAttack)
+        backdoor = attack
     common = {"max_num_examples": settings.max_num_examples, "hooks": hooks, **rule_params}
     needed = get_aggregator(settings.strategy, **rule_params).min_clients()
     nodes = max(settings.min_available_nodes, needed)

@@ -59,6 +59,10 @@ class RunSettings:
     ``num-selected``, ``variant``, ...) are read separately by :meth:`rule_params`, the
     attack's (``scale-factor``, ``backdoor-target``, ...) by
     :func:`flwr_robust.attacks.attack_params_from_config`.
+
+    ``fltrust-root-size``: with the ``fltrust`` rule, the size of the server's root dataset,
+    drawn with ``seed`` from the test split; those samples are left out of the central
+    evaluation (accuracy, loss and attack success rate use the rest of the test split).
     """
 
     strategy: str = "multi_krum"
@@ -80,10 +84,13 @@ class RunSettings:
     results_file: str = ""
     client_threads: int = 1
     max_num_examples: int = 10_000_000
+    fltrust_root_size: int = 100
     byzantine_ids: str = ""
     byzantine_fraction: float = 0.0
     attack: str = ""
     attack_omniscient: bool = False
+    attack_start_round: int = 1
+    attack_stop_round: int = 0
     signing: bool = False
     keys_dir: str = ""
     integrity_faults: str = ""
@@ -118,7 +125,7 @@ class RunSettings:
                              f"got {self.dataset!r}")
         positive = (
             "num_server_rounds", "local_epochs", "batch_size", "client_threads",
-            "min_available_nodes",
+            "min_available_nodes", "fltrust_root_size",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -149,6 +156,14 @@ class RunSettings:
                 )
         elif self.byzantine_ids.strip() or self.byzantine_fraction:
             raise ValueError("Byzantine clients are configured but run config 'attack' is empty")
+        if self.attack_start_round < 1 or self.attack_stop_round < 0:
+            raise ValueError("run config 'attack-start-round' must be >= 1 and "
+                             "'attack-stop-round' >= 0 (0: never stop)")
+        if 0 < self.attack_stop_round < self.attack_start_round:
+            raise ValueError("run config 'attack-stop-round' must be 0 or >= 'attack-start-round'")
+        if self.attack_omniscient and (self.attack_start_round, self.attack_stop_round) != (1, 0):
+            raise ValueError("run config 'attack-start-round' / 'attack-stop-round' apply to "
+                             "client-side attacks, not to 'attack-omniscient'")
         if self.anomaly_detection not in ("", *MODES):
             raise ValueError(
                 f"run config 'anomaly-detection' must be '' or one of {MODES}, got "
@@ -171,6 +186,16 @@ class RunSettings:
                 f"run config 'keys-dir' must be an absolute path (Flower runs the apps from "
                 f"its own directories), got {self.keys_dir!r}"
             )
+
+    def attack_active(self, server_round: int) -> bool:
+        """Whether Byzantine clients attack in ``server_round``: from ``attack-start-round``
+        through ``attack-stop-round`` (0: to the end); they train honestly outside. An
+        instruction without a round number (0: the server sent no ``server-round``) is
+        attacked."""
+        if server_round < 1:
+            return True
+        stop = self.attack_stop_round
+        return server_round >= self.attack_start_round and (stop == 0 or server_round <= stop)
 
     def byzantine_partitions(self, num_partitions: int) -> frozenset[int]:
         """Ground truth: the partition ids of the Byzantine clients, from ``byzantine-ids``

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import colluding, data, model  # noqa: F401 (registers the attacks)
+from . import adaptive, backdoor, colluding, data, model  # noqa: F401 (registers the attacks)
+from .adaptive import FangKrum, FangTrim, Mimic, MinMax, MinSum
+from .backdoor import DBA, ConstrainAndScale, Neurotoxin
 from .base import (
     Attack,
     AttackContext,
@@ -26,23 +28,41 @@ from .base import (
     get_attack,
 )
 from .colluding import ALIE, IPM, ColludingAttack, alie_delta, alie_z_max, ipm_delta
-from .data import Backdoor, LabelFlip, apply_trigger, attack_success_rate
+from .data import (
+    Backdoor,
+    LabelFlip,
+    Trigger,
+    TriggerAttack,
+    apply_trigger,
+    attack_success_rate,
+    poisoned_training,
+)
 from .model import FreeRider, Gaussian, NumExamplesInflation, Scale, SignFlip, Zero
 
 __all__ = [
     "ALIE",
+    "DBA",
     "IPM",
     "Attack",
     "AttackContext",
     "Backdoor",
     "ColludingAttack",
+    "ConstrainAndScale",
+    "FangKrum",
+    "FangTrim",
     "FreeRider",
     "Gaussian",
     "LabelFlip",
+    "Mimic",
+    "MinMax",
+    "MinSum",
+    "Neurotoxin",
     "NumExamplesInflation",
     "OmniscientAttackHook",
     "Scale",
     "SignFlip",
+    "Trigger",
+    "TriggerAttack",
     "Zero",
     "alie_delta",
     "alie_z_max",
@@ -54,6 +74,7 @@ __all__ = [
     "available_attacks",
     "get_attack",
     "ipm_delta",
+    "poisoned_training",
 ]
 
 

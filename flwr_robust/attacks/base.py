@@ -56,6 +56,18 @@ class AttackContext:
         For colluding attacks: returns the honest deltas the colluding clients compute on their
         own data this round (one list of layers per colluder, the same list on every colluder).
         ``None`` for non-colluding attacks.
+    colluder_index : int or None
+        This client's 0-based position among the sorted partition ids of the Byzantine clients
+        (e.g. DBA's choice of local trigger); ``None`` when unknown.
+    previous_global_weights : list[np.ndarray] or None
+        The global model this node received before this round's (the latest earlier one it
+        saw), in layer order; ``None`` on its first participation (e.g. Neurotoxin's benign
+        direction is ``global_weights - previous_global_weights``).
+    colluder_rng : np.random.Generator or None
+        Randomness shared by all colluders of the round (the same stream on every colluder),
+        so that colluding attacks whose colluders send different values (e.g. Fang et al.'s
+        sampled trimmed-mean attack) draw one joint crafted set and each sends member
+        ``colluder_index``; ``None``: each colluder draws from its own ``rng``.
     """
 
     server_round: int
@@ -64,6 +76,9 @@ class AttackContext:
     rng: np.random.Generator
     global_weights: Layers
     colluder_deltas: Callable[[], list[Layers]] | None = None
+    colluder_index: int | None = None
+    previous_global_weights: Layers | None = None
+    colluder_rng: np.random.Generator | None = None
 
 
 class Attack:

@@ -1,4 +1,5 @@
-"""Colluding attacks crafted from honest statistics: ALIE and IPM.
+"""The colluding-attack contract (:class:`ColludingAttack`) and two attacks crafted from honest
+statistics: ALIE and IPM (the adaptive ones are in :mod:`~flwr_robust.attacks.adaptive`).
 
 The maths (:func:`alie_z_max`, :func:`alie_delta`, :func:`ipm_delta`) is shared by the client-side
 colluding attacks, which only know the updates the colluders compute on their own data, and by
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-from abc import abstractmethod
 from collections.abc import Iterator
 
 import numpy as np
@@ -85,20 +85,35 @@ def ipm_delta(deltas: list[Layers], epsilon: float) -> Layers:
 
 
 class ColludingAttack(Attack):
-    """An attack whose update is crafted from a set of honest deltas, the same on every
-    colluder.
+    """An attack whose updates are crafted from a set of honest deltas.
 
     On a client, the honest deltas are those the colluders compute on their own data
     (``AttackContext.colluder_deltas``); the omniscient simulation hook passes the honest
-    clients' real deltas to :meth:`craft` instead.
+    clients' real deltas instead. Subclasses override :meth:`craft` (every colluder sends the
+    same update) or :meth:`craft_colluders` (the colluders send different members of one
+    jointly crafted set).
     """
 
     colluding = True
 
-    @abstractmethod
     def craft(self, honest_deltas: list[Layers], num_clients: int, num_byzantine: int) -> Layers:
-        """The malicious delta for ``num_byzantine`` of ``num_clients`` clients, from honest
-        deltas."""
+        """The malicious delta every one of ``num_byzantine`` of ``num_clients`` clients sends,
+        from honest deltas."""
+        raise NotImplementedError(f"attack {self.name!r} crafts per colluder: use craft_colluders")
+
+    def craft_colluders(
+        self,
+        honest_deltas: list[Layers],
+        num_clients: int,
+        num_byzantine: int,
+        rng: np.random.Generator,
+    ) -> list[Layers]:
+        """One malicious delta per colluder (``num_byzantine`` of them, colluder ``i`` sends
+        member ``i``), from honest deltas; ``rng`` is shared by the colluders.
+
+        Default: ``num_byzantine`` references to the single :meth:`craft` update.
+        """
+        return [self.craft(honest_deltas, num_clients, num_byzantine)] * num_byzantine
 
     def poison_update(self, delta: Layers, context: AttackContext) -> Layers:
         if context.colluder_deltas is None:
@@ -106,11 +121,16 @@ class ColludingAttack(Attack):
                 f"attack {self.name!r} is colluding: AttackContext.colluder_deltas must return "
                 "the honest deltas of the colluding clients"
             )
+        if context.num_byzantine < 1:
+            raise ValueError("a colluding client needs AttackContext.num_byzantine >= 1")
         honest = context.colluder_deltas()
-        crafted = self.craft(honest, context.num_clients, context.num_byzantine)
-        if [c.shape for c in crafted] != [np.shape(layer) for layer in delta]:
+        rng = context.rng if context.colluder_rng is None else context.colluder_rng
+        crafted = self.craft_colluders(honest, context.num_clients, context.num_byzantine, rng)
+        # A node outside the colluders' list (colluder_index == their count) wraps around.
+        mine = crafted[(context.colluder_index or 0) % len(crafted)]
+        if [c.shape for c in mine] != [np.shape(layer) for layer in delta]:
             raise ValueError("colluder_deltas() layer shapes differ from this client's delta")
-        return [c.astype(layer.dtype, copy=False) for c, layer in zip(crafted, delta, strict=True)]
+        return [c.astype(layer.dtype, copy=False) for c, layer in zip(mine, delta, strict=True)]
 
 
 @register

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..aggregation.fltrust import ServerUpdateFn
 from ._common import RobustStrategyMixin, constructor_arguments
 
 
@@ -102,7 +103,69 @@ class ClusterFilterRule(RobustStrategyMixin):
         method: str = "kmeans",
         metric: str = "euclidean",
         min_cluster_size: int = 2,
+        n_clusters: int = 2,
         **kwargs: Any,
+    ) -> None:
+        super().__init__(self.rule, **constructor_arguments(locals()))
+
+
+class FLTrustRule(RobustStrategyMixin):
+    rule = "fltrust"
+
+    def __init__(self, *, server_update_fn: ServerUpdateFn | None = None, **kwargs: Any) -> None:
+        super().__init__(self.rule, **constructor_arguments(locals()))
+
+
+class DnCRule(RobustStrategyMixin):
+    rule = "dnc"
+
+    def __init__(
+        self,
+        *,
+        num_malicious: int = 0,
+        dnc_iterations: int = 1,
+        dnc_subsample_dim: int = 10_000,
+        dnc_filter_fraction: float = 1.0,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(self.rule, **constructor_arguments(locals()))
+
+
+class SignGuardRule(RobustStrategyMixin):
+    rule = "signguard"
+
+    def __init__(
+        self,
+        *,
+        signguard_lower: float = 0.1,
+        signguard_upper: float = 3.0,
+        signguard_coordinate_fraction: float = 0.1,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(self.rule, **constructor_arguments(locals()))
+
+
+class RobustLRRule(RobustStrategyMixin):
+    rule = "robust_lr"
+
+    def __init__(
+        self,
+        *,
+        rlr_threshold: int = 4,
+        rlr_server_lr: float = 1.0,
+        rlr_weighted: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(self.rule, **constructor_arguments(locals()))
+
+
+class FLDetectorRule(RobustStrategyMixin):
+    rule = "fldetector"
+
+    def __init__(
+        self, *, fldetector_window: int = 10, fldetector_base_rule: str = "median", **kwargs: Any
     ) -> None:
         super().__init__(self.rule, **constructor_arguments(locals()))
 
@@ -126,6 +189,9 @@ class ReputationRule(RobustStrategyMixin):
 __all__ = [
     "CenteredClippingRule",
     "ClusterFilterRule",
+    "DnCRule",
+    "FLDetectorRule",
+    "FLTrustRule",
     "FlameRule",
     "FoolsGoldRule",
     "GeometricMedianRule",
@@ -133,4 +199,6 @@ __all__ = [
     "NormClippingRule",
     "RFOut1dRule",
     "ReputationRule",
+    "RobustLRRule",
+    "SignGuardRule",
 ]

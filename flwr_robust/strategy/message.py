@@ -15,13 +15,18 @@ from ._common import RobustArguments, RobustStrategyMixin, constructor_arguments
 from ._rules import (
     CenteredClippingRule,
     ClusterFilterRule,
+    DnCRule,
     FlameRule,
+    FLDetectorRule,
+    FLTrustRule,
     FoolsGoldRule,
     GeometricMedianRule,
     MeaMedRule,
     NormClippingRule,
     ReputationRule,
     RFOut1dRule,
+    RobustLRRule,
+    SignGuardRule,
 )
 from .metrics import conforming_contents
 from .rounds import MessageRounds
@@ -423,4 +428,24 @@ class ClusterFilter(ClusterFilterRule, RobustStrategy):
 
 
 class Reputation(ReputationRule, RobustStrategy):
+    pass
+
+
+class DnC(DnCRule, RobustStrategy):
+    pass
+
+
+class SignGuard(SignGuardRule, RobustStrategy):
+    pass
+
+
+class RobustLR(RobustLRRule, RobustStrategy):
+    pass
+
+
+class FLDetector(FLDetectorRule, RobustStrategy):
+    pass
+
+
+class FLTrust(FLTrustRule, RobustStrategy):
     pass

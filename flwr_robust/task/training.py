@@ -7,6 +7,7 @@ apps decide those.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -27,8 +28,18 @@ def train(
     batch_size: int = 32,
     seed: int = 0,
     momentum: float = 0.0,
+    gradient_mask: Mapping[str, np.ndarray] | None = None,
+    proximal_anchor: Mapping[str, np.ndarray] | None = None,
+    anomaly_weight: float = 0.0,
 ) -> dict[str, float]:
     """Train ``model`` in place with mini-batch SGD on cross-entropy.
+
+    Two optional changes serve attacks (honest training uses neither and runs the plain loop):
+    ``gradient_mask`` multiplies every parameter's gradient after the backward pass and before
+    the step (Neurotoxin's projection: with a 0/1 mask the zeroed coordinates never move, as
+    SGD's momentum buffer only ever sees zeros there), and ``proximal_anchor`` with
+    ``anomaly_weight`` ``w`` trains on ``(1 - w) * cross_entropy + w * ||theta - anchor||_2``
+    (the anomaly-evasion loss of Bagdasaryan et al. with ``alpha = 1 - w``).
 
     Parameters
     ----------
@@ -46,12 +57,21 @@ def train(
         Seed of the per-epoch shuffling (a private ``torch.Generator``).
     momentum : float, default=0.0
         SGD momentum, in [0, 1).
+    gradient_mask : mapping of str to np.ndarray, optional
+        Parameter name (as in ``model.named_parameters()``) to a finite array of the
+        parameter's shape; parameters without an entry are not masked.
+    proximal_anchor : mapping of str to np.ndarray, optional
+        Parameter name to the anchor's values (e.g. the global model), one entry per
+        parameter; required when ``anomaly_weight > 0``.
+    anomaly_weight : float, default=0.0
+        Weight ``w`` of the L2 distance to ``proximal_anchor``, in [0, 1).
 
     Returns
     -------
     dict[str, float]
-        ``loss`` and ``accuracy``: mean loss and accuracy over the last epoch's batches
-        (measured while training); ``num_examples``: ``len(data)`` (an int).
+        ``loss`` and ``accuracy``: mean cross-entropy (without the distance term) and accuracy
+        over the last epoch's batches (measured while training); ``num_examples``:
+        ``len(data)`` (an int).
     """
     _check_positive_int("epochs", epochs)
     _check_positive_int("batch_size", batch_size)
@@ -66,6 +86,9 @@ def train(
     n = len(data)
     if n == 0:
         raise ValueError("data must hold at least one sample")
+    parameters = dict(model.named_parameters())
+    masks = _parameter_tensors("gradient_mask", gradient_mask, parameters, complete=False)
+    anchor = _proximal_terms(proximal_anchor, anomaly_weight, parameters)
     x = torch.tensor(data.x)
     y = torch.tensor(data.y)
     generator = torch.Generator().manual_seed(seed)
@@ -82,7 +105,19 @@ def train(
             logits = model(x[idx])
             loss = F.cross_entropy(logits, y[idx])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if anchor:
+                # vector_norm's gradient at 0 is 0 (sqrt of a sum of squares would give NaN
+                # at the first step, where the model equals the anchor).
+                distance = torch.linalg.vector_norm(
+                    torch.cat([(parameters[k] - a).reshape(-1) for k, a in anchor.items()])
+                )
+                ((1.0 - anomaly_weight) * loss + anomaly_weight * distance).backward()
+            else:
+                loss.backward()
+            for name, mask in masks.items():
+                grad = parameters[name].grad
+                if grad is not None:
+                    grad.mul_(mask)
             optimizer.step()
             total_loss += loss.detach() * len(idx)
             correct += (logits.detach().argmax(dim=1) == y[idx]).sum()
@@ -155,6 +190,52 @@ def predict(model: nn.Module, x: np.ndarray, *, batch_size: int = 256) -> np.nda
             logits = model(torch.tensor(x[start : start + batch_size]))
             out[start : start + batch_size] = logits.argmax(dim=1).numpy()
     return out
+
+
+def _parameter_tensors(
+    param: str,
+    arrays: Mapping[str, np.ndarray] | None,
+    parameters: Mapping[str, nn.Parameter],
+    *,
+    complete: bool,
+) -> dict[str, torch.Tensor]:
+    """``arrays`` as detached tensors of the parameters' dtypes, names and shapes checked."""
+    if arrays is None:
+        return {}
+    unknown = sorted(set(arrays) - set(parameters))
+    missing = sorted(set(parameters) - set(arrays)) if complete else []
+    if unknown or missing:
+        raise ValueError(
+            f"{param} must be keyed by the model's parameter names; unknown: {unknown}, "
+            f"missing: {missing}"
+        )
+    out = {}
+    for name, array in arrays.items():
+        target = parameters[name]
+        value = np.asarray(array)
+        if value.shape != tuple(target.shape):
+            raise ValueError(
+                f"{param}[{name!r}] has shape {value.shape}, the parameter {tuple(target.shape)}"
+            )
+        if not np.isfinite(value).all():
+            raise ValueError(f"{param}[{name!r}] holds non-finite values")
+        out[name] = torch.tensor(value, dtype=target.dtype)
+    return out
+
+
+def _proximal_terms(
+    anchor: Mapping[str, np.ndarray] | None,
+    weight: float,
+    parameters: Mapping[str, nn.Parameter],
+) -> dict[str, torch.Tensor]:
+    """The anchor tensors of the distance term (empty when the term is off)."""
+    if not (isinstance(weight, int | float) and 0.0 <= weight < 1.0):
+        raise ValueError(f"anomaly_weight must be a float in [0, 1), got {weight!r}")
+    if weight > 0 and anchor is None:
+        raise ValueError("anomaly_weight > 0 needs proximal_anchor")
+    if weight == 0:
+        return {}
+    return _parameter_tensors("proximal_anchor", anchor, parameters, complete=True)
 
 
 def _check_positive_int(param: str, value: object) -> None:
