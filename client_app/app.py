@@ -13,14 +13,21 @@ from flwr_robust.security.mod import fault_injection_mod, integrity_mod
 app = ClientApp(mods=[fault_injection_mod, integrity_mod])
 
 
-def _legacy(context: Context) -> bool:
+def _legacy(message: Message, context: Context) -> bool:
+    """Whether ``message`` is a legacy-API instruction: read from its records (an experiment
+    batch runs legacy and Message-API cells under one base run config), else from ``api``."""
+    names = set(message.content.keys())
+    if names & {"fitins.parameters", "evaluateins.parameters"}:
+        return True
+    if "arrays" in names:
+        return False
     return context.run_config.get("api", "message") == "legacy"
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Local training on the node's partition."""
-    if _legacy(context):
+    if _legacy(message, context):
         return handle_legacy_message_from_msgtype(client.legacy_client_fn, message, context)
     return client.train_reply(message, context)
 
@@ -28,7 +35,7 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluation of the received global model on the node's validation split."""
-    if _legacy(context):
+    if _legacy(message, context):
         return handle_legacy_message_from_msgtype(client.legacy_client_fn, message, context)
     return client.evaluate_reply(message, context)
 
