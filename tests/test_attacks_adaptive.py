@@ -395,3 +395,37 @@ def test_client_path_colluders_send_their_members(name: str) -> None:
     for weights, member in zip(sent, joint, strict=True):
         delta = [weights[k].astype(np.float64) - start[k] for k in start]
         np.testing.assert_allclose(flat(delta), flat(member), rtol=1e-5, atol=1e-7)
+
+
+def test_client_path_population_index_and_single_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With client sampling the attack assumes the sampled round (n = fraction-train * N, f the
+    expected colluders among them); a node Byzantine by node config alone comes after the
+    listed colluders; a colluding attacker trains its partition once per round."""
+    from flwr_robust.apps import client
+    from flwr_robust.apps.client import Role, trainer_for
+    from flwr_robust.apps.settings import RunSettings
+    from flwr_robust.task.models import get_named_weights
+
+    settings = RunSettings.from_run_config(
+        {"local-epochs": 1, "byzantine-ids": "2,5", "seed": 4, "attack": "ipm",
+         "fraction-train": 0.5}
+    )
+    node = trainer_for(settings, 5, 10)
+    role = Role(True, get_attack("ipm"), (2, 5))
+    assert node.round_population(role) == (5, 1)
+    full = RunSettings.from_run_config({"byzantine-ids": "2,5", "attack": "ipm"})
+    assert trainer_for(full, 5, 10).round_population(role) == (10, 2)
+    assert node.colluder_index(role) == 1
+    assert trainer_for(settings, 3, 10).colluder_index(role) == 2  # not 1 (node 5's)
+
+    calls: list[int] = []
+    original = client.train
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(client, "train", counting)
+    start = get_named_weights(node.model)
+    node.update(start, {}, 7, role)
+    assert len(calls) == 2  # each colluder's clean partition once, no poisoned re-training

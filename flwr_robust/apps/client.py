@@ -99,7 +99,7 @@ class LocalTrainer:
         )
         self.model = build_global_model(settings, self.train_data)
         self.names = list(get_named_weights(self.model))
-        self._honest: dict[int, list[np.ndarray]] = {}
+        self._honest: dict[int, tuple[list[np.ndarray], dict[str, float]]] = {}
         #: The global models of the (at most two) latest rounds a Byzantine node received.
         self._globals: list[tuple[int, list[np.ndarray]]] = []
 
@@ -118,7 +118,7 @@ class LocalTrainer:
         set_weights(self.model, list(global_arrays.values()))
         metrics = self._fit(self.train_data, config, server_round)
         delta = [w - g for w, g in zip(self.weights().values(), global_arrays.values(), strict=True)]
-        self._honest = {server_round: delta}
+        self._honest = {server_round: (delta, metrics)}
         return delta, metrics
 
     def _fit(
@@ -167,8 +167,24 @@ class LocalTrainer:
         return earlier[-1][1] if earlier else None
 
     def colluder_index(self, role: Role) -> int:
-        """This node's position among the sorted Byzantine partition ids."""
-        return sorted({*role.colluders, self.partition_id}).index(self.partition_id)
+        """This node's position among the sorted Byzantine partition ids of the run config
+        (a node made Byzantine by its node config alone comes after them)."""
+        if self.partition_id in role.colluders:
+            return role.colluders.index(self.partition_id)
+        return len(role.colluders)
+
+    def round_population(self, role: Role) -> tuple[int, int]:
+        """``(n, f)`` an attack assumes for a round: the clients the server samples
+        (``fraction-train`` of the federation, as FedAvg sizes its sample) and the colluders
+        expected among them (at least 1, this node). Colluders know the federation's size and
+        sampling, not which nodes the server picked: with client sampling ``f`` is the
+        expected count, ``round(|colluders| * n / N)``."""
+        total = self.num_partitions
+        sampled = min(total, max(1, int(total * self.settings.fraction_train)))
+        colluders = max(1, len(role.colluders))
+        if sampled == total:
+            return total, colluders
+        return sampled, min(sampled, max(1, round(colluders * sampled / total)))
 
     def cached_honest_delta(
         self, global_arrays: NamedArrays, config: Mapping[str, Any], server_round: int
@@ -176,7 +192,7 @@ class LocalTrainer:
         """This partition's honest update of ``server_round`` (computed at most once)."""
         if server_round not in self._honest:
             self.honest_delta(global_arrays, config, server_round)
-        return self._honest[server_round]
+        return self._honest[server_round][0]
 
     def update(
         self,
@@ -198,10 +214,11 @@ class LocalTrainer:
             delta, metrics = self.honest_delta(global_arrays, config, server_round)
             return self._apply(global_arrays, delta), count, metrics
         rng = np.random.default_rng([self.settings.seed, server_round, self.partition_id])
+        num_clients, num_byzantine = self.round_population(role)
         context = AttackContext(
             server_round=server_round,
-            num_clients=self.num_partitions,
-            num_byzantine=len(role.colluders),
+            num_clients=num_clients,
+            num_byzantine=num_byzantine,
             rng=rng,
             global_weights=list(global_arrays.values()),
             colluder_deltas=lambda: [
@@ -219,6 +236,10 @@ class LocalTrainer:
             loss, accuracy = evaluate(self.model, self.train_data)
             delta = [np.zeros_like(g) for g in global_arrays.values()]
             metrics = {"loss": loss, "accuracy": accuracy}
+        elif attack.colluding and type(attack).poison_data is Attack.poison_data:
+            # crafted from the colluders' clean deltas, this node's own among them: train once
+            delta = self.cached_honest_delta(global_arrays, config, server_round)
+            metrics = self._honest[server_round][1]
         else:
             data, options = poisoned_training(attack, self.train_data, context)
             metrics = self._fit(data, config, server_round, options)

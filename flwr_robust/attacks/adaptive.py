@@ -278,13 +278,17 @@ class _ScaledPerturbation(ColludingAttack):
                 float(np.sum((np.asarray(u, dtype=np.float64) - m) ** 2))
                 for u, m in zip(result.update, stats.mean, strict=True)
             )
-            return any(i >= k for i in result.kept), deviation
+            crafted_kept = sum(i >= k for i in result.kept)
+            # a rule that keeps at least f' updates must keep every crafted one (Multi-Krum,
+            # as the authors require); one that selects fewer (Krum) must select a crafted one
+            used = crafted_kept == f_sim if len(result.kept) >= f_sim else crafted_kept > 0
+            return used, deviation
 
         best = [outcome(0.0)[1]]
 
         def succeeds(gamma: float) -> bool:
             used, deviation = outcome(gamma)
-            if used and deviation >= best[0]:
+            if used and deviation > best[0]:  # strict: a plateau does not push gamma up
                 best[0] = deviation
                 return True
             return False
@@ -305,7 +309,14 @@ class _ScaledPerturbation(ColludingAttack):
             condition = self._agnostic_condition(stats)
         else:
             condition = self._tailored_condition(self._target_rule, honest, stats, n, f)
-        return search_gamma(condition, self._gamma_init, self._tau), stats
+        gamma = search_gamma(condition, self._gamma_init, self._tau)
+        if gamma >= 2.0 * self._gamma_init - 2.0 * self._tau:
+            logger.warning(
+                "%s: gamma reached the search's ceiling 2 * gamma_init = %g without meeting its "
+                "constraint; a larger %s_gamma_init gives a stronger attack",
+                self.name, 2.0 * self._gamma_init, self.name,
+            )
+        return gamma, stats
 
     def craft(self, honest_deltas: list[Layers], num_clients: int, num_byzantine: int) -> Layers:
         gamma, stats = self._solve(honest_deltas, num_clients, num_byzantine)
@@ -323,9 +334,11 @@ _SCALED_DOC = """
     AGR-tailored variant (``{prefix}_target_rule``): ``gamma`` maximises instead the paper's
     tailored objective, the distance of the named rule's aggregate (simulated on the honest
     deltas plus the crafted copies, see the module docstring) from the honest mean, with the
-    same search: a step succeeds when the rule still uses a crafted update (it is among
-    ``AggregationResult.kept``, as the paper requires of Krum's selection) and the distance
-    did not decrease. The constraint above is then not applied, so ``min_max`` and
+    same search: a step succeeds when the rule still uses the crafted updates (a rule that
+    keeps at least ``f'`` updates, e.g. Multi-Krum, keeps all of them; one that selects fewer,
+    e.g. Krum, selects one of them) and the distance strictly grew (as in the authors' code,
+    so that a plateau, e.g. once a trimmed mean trims the crafted values, does not push
+    ``gamma`` up). The constraint above is then not applied, so ``min_max`` and
     ``min_sum`` with the same target rule are the same attack. The rule gets
     ``num_malicious`` and its other parameters' defaults.
 
@@ -336,7 +349,10 @@ _SCALED_DOC = """
     The default perturbation is ``"std"``, the one of the authors' released CIFAR-10
     experiments (the paper evaluates all three; the best depends on dataset and rule).
     Partial knowledge (client path) uses the colluders' own deltas as the benign set, as the
-    paper's partial-knowledge attacks do.
+    paper's partial-knowledge attacks do. Algorithm 1 never exceeds ``2 * gamma_init``
+    (the steps sum to ``gamma_init``); when ``gamma`` ends there, the constraint never bound
+    (e.g. ``"unit_vec"`` when ``gamma_init`` is small next to the honest distances) and a
+    warning says so, as the authors' code would silently stop there too.
 
     Parameters
     ----------
@@ -399,7 +415,9 @@ class MinSum(_ScaledPerturbation):
             prefix="min_sum",
             constraint=(
                 "Min-Sum's constraint: the sum of squared distances from the malicious update "
-                "to the honest deltas is at most the largest such sum of an honest delta"
+                "to the honest deltas is at most the largest such sum of an honest delta (the "
+                "bound as the paper states it; the authors' released code takes the smallest "
+                "such sum instead, a stealthier, weaker attack)"
             ),
         )
     )
@@ -651,7 +669,8 @@ class Mimic(ColludingAttack):
     anew each round; afterwards ``z`` is frozen and the colluders keep copying the same worker
     ``i*`` (its position in the honest list: the omniscient hook lists honest clients by node
     id; when the number of honest deltas changes, ``i*`` is chosen again along the frozen
-    ``z``). The omniscient hook keeps one attack object for the run; a ClientApp builds its
+    ``z``; under client sampling the same position may hold another worker, as the crafting
+    interface carries no identities). The omniscient hook keeps one attack object for the run; a ClientApp builds its
     attack per instruction, so on clients every round is the first warm-up round.
 
     Deviations: the first round's ``z`` is the exact top principal direction of the centred
