@@ -459,7 +459,8 @@ def _run(
                     sorted(byzantine_nodes))
         if settings.attack_omniscient:
             params = attack_params_from_config(settings.attack, run_config)
-            hooks.append(OmniscientAttackHook(settings.attack, byzantine_nodes, params))
+            hooks.append(OmniscientAttackHook(settings.attack, byzantine_nodes, params,
+                                              seed=settings.seed))
     hooks += ops.hooks
     backdoor = None  # the attack whose success rate the central evaluation reports
     if settings.attack and issubclass(attack_class(settings.attack), TriggerAttack):
