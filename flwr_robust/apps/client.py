@@ -96,6 +96,7 @@ class LocalTrainer:
             alpha=settings.dirichlet_alpha,
             seed=settings.seed,
             path=settings.dataset_path or None,
+            **settings.dataset_options(),
         )
         self.model = build_global_model(settings, self.train_data)
         self.names = list(get_named_weights(self.model))

@@ -138,10 +138,12 @@ class CentralEvaluation:
             self.results_path.parent.mkdir(parents=True, exist_ok=True)
         self.history: list[dict[str, Any]] = []
 
-    def __call__(self, server_round: int, arrays: list[np.ndarray]) -> dict[str, float]:
-        set_weights(self.model, arrays)
-        loss, accuracy = evaluate(self.model, self.test)
+    def __call__(self, server_round: int, arrays: list[np.ndarray]) -> dict[str, float] | None:
         global_round = server_round + self.round_offset
+        evaluated = self.settings.evaluates(global_round)
+        started = time.perf_counter()
+        set_weights(self.model, arrays)
+        loss, accuracy = evaluate(self.model, self.test) if evaluated else (None, None)
         record: dict[str, Any] = {
             "round": global_round, "accuracy": accuracy, "loss": loss, "time": time.time()
         }
@@ -152,7 +154,7 @@ class CentralEvaluation:
         else:
             record.update({"kept": [], "rejected": {}})
         asr = None
-        if self.backdoor is not None:
+        if self.backdoor is not None and evaluated:
             asr = self.backdoor.success_rate(lambda x: predict(self.model, x), self.test)
             if len(self.backdoor.local_triggers()) > 1:
                 record["attack_success_rate_local"] = self.backdoor.local_success_rates(
@@ -171,35 +173,41 @@ class CentralEvaluation:
                 "recall": recall,
                 "byzantine": sorted(self.byzantine_nodes),
                 "partitions": {str(n): p for n, p in sorted(self.roster.items())},
+                "evaluation_seconds": round(time.perf_counter() - started, 6),
             }
         )
         self.history.append(record)
         extra = "" if asr is None else f" attack_success_rate={asr:.4f}"
         if precision is not None or recall is not None:
             extra += f" precision={_fmt(precision)} recall={_fmt(recall)}"
+        quality = (f"accuracy={accuracy:.4f} loss={loss:.4f}" if evaluated else
+                   f"not evaluated (evaluate-every={self.settings.evaluate_every})")
         logger.info(
-            "round %d: accuracy=%.4f loss=%.4f kept=%d rejected=%d%s%s",
-            global_round, accuracy, loss, len(record["kept"]), len(record["rejected"]), extra,
+            "round %d: %s kept=%d rejected=%d%s%s",
+            global_round, quality, len(record["kept"]), len(record["rejected"]), extra,
             f" ({report.note})" if report is not None and report.note else "",
         )
         if self.results_path is not None:
             with self.results_path.open("a", encoding="utf-8") as stream:
                 stream.write(json.dumps(record) + "\n")
+        if accuracy is None or loss is None:
+            return None
         metrics = {"accuracy": accuracy, "loss": loss}
         for listener in self.listeners:
             listener(server_round, dict(metrics))
         return metrics
 
-    def message_api(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """``evaluate_fn`` of ``Strategy.start``."""
-        return MetricRecord(self(server_round, arrays.to_numpy_ndarrays()))
+    def message_api(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """``evaluate_fn`` of ``Strategy.start`` (``None`` on rounds not evaluated)."""
+        metrics = self(server_round, arrays.to_numpy_ndarrays())
+        return None if metrics is None else MetricRecord(metrics)
 
     def legacy_api(
         self, server_round: int, arrays: list[np.ndarray], config: dict[str, Any]
-    ) -> tuple[float, dict[str, float]]:
-        """``evaluate_fn`` of the legacy ``FedAvg``."""
+    ) -> tuple[float, dict[str, float]] | None:
+        """``evaluate_fn`` of the legacy ``FedAvg`` (``None`` on rounds not evaluated)."""
         metrics = self(server_round, arrays)
-        return metrics["loss"], {"accuracy": metrics["accuracy"]}
+        return None if metrics is None else (metrics["loss"], {"accuracy": metrics["accuracy"]})
 
 
 def _fmt(value: float | None) -> str:
@@ -431,7 +439,8 @@ def _run(
     cell: int | None,
     rosters: dict[int, dict[int, int]],
 ) -> list[dict[str, Any]]:
-    _, test = load_dataset(settings.dataset, seed=settings.seed, path=settings.dataset_path or None)
+    _, test = load_dataset(settings.dataset, seed=settings.seed,
+                           path=settings.dataset_path or None, **settings.dataset_options())
     model = build_global_model(settings, test)
     initial = ops.resumed or get_named_weights(model)
     num_rounds = settings.num_server_rounds - ops.round_offset

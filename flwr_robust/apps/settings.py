@@ -60,6 +60,11 @@ class RunSettings:
     attack's (``scale-factor``, ``backdoor-target``, ...) by
     :func:`flwr_robust.attacks.attack_params_from_config`.
 
+    ``max-train-samples`` / ``max-test-samples`` (0: all) subsample Fashion-MNIST's train and
+    test splits deterministically before partitioning (a benchmark sizes its clients' data
+    with them); ``evaluate-every`` evaluates the global model centrally every k rounds (and
+    after the last), the other rounds' records carry no accuracy.
+
     ``fltrust-root-size``: with the ``fltrust`` rule, the size of the server's root dataset,
     drawn with ``seed`` from the test split; those samples are left out of the central
     evaluation (accuracy, loss and attack success rate use the rest of the test split).
@@ -78,6 +83,9 @@ class RunSettings:
     seed: int = 42
     dataset: str = "digits"
     dataset_path: str = ""
+    max_train_samples: int = 0
+    max_test_samples: int = 0
+    evaluate_every: int = 1
     model: str = ""
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
@@ -125,7 +133,7 @@ class RunSettings:
                              f"got {self.dataset!r}")
         positive = (
             "num_server_rounds", "local_epochs", "batch_size", "client_threads",
-            "min_available_nodes", "fltrust_root_size",
+            "min_available_nodes", "fltrust_root_size", "evaluate_every",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -133,6 +141,12 @@ class RunSettings:
         for name in ("fraction_train", "fraction_evaluate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"run config {name.replace('_', '-')!r} must be in [0, 1]")
+        for name in ("max_train_samples", "max_test_samples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"run config {name.replace('_', '-')!r} must be >= 0")
+        if self.dataset_options() and self.dataset != "fashion_mnist":
+            raise ValueError("run config 'max-train-samples' / 'max-test-samples' apply to "
+                             f"dataset 'fashion_mnist' only, not {self.dataset!r}")
         if self.learning_rate <= 0 or self.dirichlet_alpha <= 0:
             raise ValueError("run config 'learning-rate' and 'dirichlet-alpha' must be > 0")
         if not 0.0 <= self.momentum < 1.0:
@@ -186,6 +200,18 @@ class RunSettings:
                 f"run config 'keys-dir' must be an absolute path (Flower runs the apps from "
                 f"its own directories), got {self.keys_dir!r}"
             )
+
+    def dataset_options(self) -> dict[str, int]:
+        """The dataset loader's size options (``max_train`` / ``max_test``) set in the run
+        config."""
+        sizes = {"max_train": self.max_train_samples, "max_test": self.max_test_samples}
+        return {key: value for key, value in sizes.items() if value}
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether the central evaluation runs after ``server_round`` (round 0, every
+        ``evaluate-every``-th round and the last)."""
+        return (server_round % self.evaluate_every == 0
+                or server_round >= self.num_server_rounds)
 
     def attack_active(self, server_round: int) -> bool:
         """Whether Byzantine clients attack in ``server_round``: from ``attack-start-round``

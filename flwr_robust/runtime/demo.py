@@ -87,5 +87,7 @@ def print_table(results: Path) -> None:
         byzantine = {str(n) for n in row.get("byzantine", [])}
         caught = sum(1 for node in row["rejected"] if node in byzantine)
         caught_text = f"{caught}/{len(byzantine)}" if row["round"] and byzantine else "-"
-        print(f"{row['round']:>5} {row['accuracy']:>9.4f} {row['loss']:>7.4f} "
+        quality = ("        -       -" if row["accuracy"] is None else
+                   f"{row['accuracy']:>9.4f} {row['loss']:>7.4f}")
+        print(f"{row['round']:>5} {quality} "
               f"{len(row['kept']):>5} {len(row['rejected']):>8} {caught_text:>19}")

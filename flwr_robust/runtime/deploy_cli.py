@@ -329,7 +329,8 @@ def _print_rounds(records: Sequence[dict[str, Any]], nodes: dict[int, NodeSpec])
             )
             or "-"
         )
-        print(f"{record['round']:<6}{record['accuracy']:<10.4f}{kept:<24}{rejected}")
+        accuracy = "-" if record.get("accuracy") is None else f"{record['accuracy']:.4f}"
+        print(f"{record['round']:<6}{accuracy:<10}{kept:<24}{rejected}")
 
 
 def _keys(args: argparse.Namespace) -> int:
