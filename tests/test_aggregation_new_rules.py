@@ -27,7 +27,7 @@ from flwr_robust.aggregation.fldetector import (
     upper_cluster,
 )
 from flwr_robust.aggregation.matrix import squared_distances
-from flwr_robust.aggregation.signguard import sign_features
+from flwr_robust.aggregation.signguard import scaled_by_maximum, sign_features
 
 
 def clients(*values) -> list[list[np.ndarray]]:
@@ -85,8 +85,8 @@ def test_invalid_parameters_are_refused(name: str, params: dict, message: str) -
 def test_preconditions_name_the_rule() -> None:
     with pytest.raises(ValueError, match="dnc .* needs at least 3 clients"):
         get_aggregator("dnc", num_malicious=2)(clients([1.0], [2.0]))
-    with pytest.raises(ValueError, match="robust_lr .* needs at least 4 clients"):
-        get_aggregator("robust_lr")(clients([1.0], [2.0], [3.0]))
+    with pytest.raises(ValueError, match="robust_lr .* needs at least 6 clients"):
+        get_aggregator("robust_lr")(clients([1.0], [2.0], [3.0], [4.0], [5.0]))
     with pytest.raises(ValueError, match="client_ids"):
         get_aggregator("fldetector")(clients([1.0], [2.0], [3.0]))
 
@@ -192,7 +192,7 @@ def test_signguard_with_no_survivor_returns_zero(caplog: pytest.LogCaptureFixtur
 
 # ------------------------------------------------------------------------------ robust LR
 def test_robust_lr_flips_split_coordinates_and_keeps_agreeing_ones() -> None:
-    """theta = 4. Coordinate 0: 5 positive signs (kept, +eta). Coordinate 1: 3 positive,
+    """theta = 3. Coordinate 0: 5 positive signs (kept, +eta). Coordinate 1: 3 positive,
     2 negative, |sum| = 1 (flipped, -eta). Coordinate 2: 4 positive, one zero, |sum| = 4
     (kept). Weighted mean with counts 1, 1, 2, 2, 4 (sum 10), eta = 0.5."""
     x = np.array(
@@ -200,12 +200,14 @@ def test_robust_lr_flips_split_coordinates_and_keeps_agreeing_ones() -> None:
     )
     counts = [1, 1, 2, 2, 4]
     mean = (np.array(counts)[:, None] * x).sum(0) / 10.0  # (1.5, 0.3, 1.1)
-    rule = get_aggregator("robust_lr", rlr_server_lr=0.5)
+    rule = get_aggregator("robust_lr", rlr_threshold=3, rlr_server_lr=0.5)
     result = rule(clients(*x), num_examples=counts)
     np.testing.assert_allclose(flat(result), [0.75, -0.15, 0.55], rtol=1e-6)
     np.testing.assert_allclose(flat(result), 0.5 * mean * np.array([1, -1, 1]), rtol=1e-6)
     assert result.kept == [0, 1, 2, 3, 4] and result.info["flipped"] == 1
-    unweighted = get_aggregator("robust_lr", rlr_weighted=False)(clients(*x), num_examples=counts)
+    unweighted = get_aggregator("robust_lr", rlr_threshold=3, rlr_weighted=False)(
+        clients(*x), num_examples=counts
+    )
     np.testing.assert_allclose(flat(unweighted), x.mean(0) * [1, -1, 1], rtol=1e-6)
 
 
@@ -223,7 +225,7 @@ def test_robust_lr_reverses_a_minority_backdoor_direction() -> None:
 
 def test_robust_lr_saturates_instead_of_overflowing(caplog: pytest.LogCaptureFixture) -> None:
     big = np.finfo(np.float32).max
-    x = np.full((4, 2), big, np.float32)
+    x = np.full((6, 2), big, np.float32)
     with caplog.at_level(logging.WARNING, logger="flwr.robust"):
         result = get_aggregator("robust_lr", rlr_server_lr=4.0)(clients(*x))
     assert np.all(np.isfinite(flat(result))) and result.info["saturated"] == 2
@@ -375,17 +377,63 @@ def test_fldetector_base_rule_gets_its_parameters_and_stage() -> None:
 
 # ------------------------------------------------------------------ cluster n_clusters
 def test_cluster_filter_number_of_clusters() -> None:
-    """Groups of 5 (at 0), 4 (at (10, 0)) and 3 (at (10, 3)): with k = 2 the last two
-    merge into the largest cluster; with k = 3 the group of 5 is the largest."""
+    """Groups of 7 (at 0), 1 (at (3, 5)) and 4 (at (10, 0)): with k = 2 the lone update
+    joins the group of 7 (8 of 12 kept); with k = 3 it is split off and the 7 are kept."""
+    rng = np.random.default_rng(0)
+    centres = [[0, 0]] * 7 + [[3, 5]] + [[10, 0]] * 4
+    x = (np.array(centres) + 0.1 * rng.standard_normal((12, 2))).astype(np.float32)
+    two = get_aggregator("cluster")(clients(*x))
+    assert two.kept == list(range(8))
+    three = get_aggregator("cluster", n_clusters=3)(clients(*x))
+    assert three.kept == list(range(7))
+    np.testing.assert_allclose(flat(three), x[:7].mean(0), rtol=1e-5)
+    assert "in a cluster of 1" in three.rejected[7]
+    assert "in a cluster of 4" in three.rejected[8]
+
+
+def test_cluster_filter_skips_the_round_without_a_majority_cluster(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Groups of 5, 4 and 3 with k = 3 (this case used to keep the group of 5): no cluster
+    holds more than half of the 12 updates, so the round is skipped."""
     rng = np.random.default_rng(0)
     centres = [[0, 0]] * 5 + [[10, 0]] * 4 + [[10, 3]] * 3
     x = (np.array(centres) + 0.1 * rng.standard_normal((12, 2))).astype(np.float32)
-    two = get_aggregator("cluster")(clients(*x))
-    assert two.kept == list(range(5, 12))
-    three = get_aggregator("cluster", n_clusters=3)(clients(*x))
-    assert three.kept == list(range(5))
-    np.testing.assert_allclose(flat(three), x[:5].mean(0), rtol=1e-5)
-    assert "in a cluster of 4" in three.rejected[5]
+    assert get_aggregator("cluster")(clients(*x)).kept == list(range(5, 12))
+    with caplog.at_level(logging.WARNING, logger="flwr.robust"):
+        three = get_aggregator("cluster", n_clusters=3)(clients(*x))
+    assert three.kept == [] and three.info["no_majority"] == 1
+    assert not flat(three).any()
+    assert set(three.rejected) == set(range(12))
+    assert all("no cluster holds a majority (largest 5 of 12)" in t for t in three.rejected.values())
+    assert "not a majority" in caplog.text
+
+
+def test_cluster_filter_identical_colluders_never_win_a_tie_or_a_small_cluster() -> None:
+    """Review p5: 3 identical colluders (spread 0) next to 7 honest updates were kept alone
+    with k >= 3 (the "largest" of several small clusters, ties to the tightest); and 5
+    identical updates beside 5 honest ones won the equal-size tie."""
+    rng = np.random.default_rng(5)
+    d = 200
+    for _ in range(5):
+        mu = rng.standard_normal(d)
+        honest = mu + 0.1 * rng.standard_normal((7, d))
+        x = np.vstack([honest, np.tile(mu + 0.5 * rng.standard_normal(d), (3, 1))])
+        assert get_aggregator("cluster")(clients(*x)).kept == list(range(7))
+        for k in (3, 4, 5):
+            kept = get_aggregator("cluster", n_clusters=k)(clients(*x)).kept
+            assert kept == [] or set(kept) <= set(range(7)), (k, kept)
+        tie = np.vstack([honest[:5], np.tile(mu + 0.5 * rng.standard_normal(d), (5, 1))])
+        result = get_aggregator("cluster")(clients(*tie))
+        assert result.kept == [] and result.info["no_majority"] == 1
+
+
+def test_cluster_filter_needs_at_least_n_clusters_clients() -> None:
+    rule = get_aggregator("cluster", n_clusters=5)
+    assert rule.min_clients() == 5
+    assert get_aggregator("cluster", method="hdbscan", n_clusters=5).min_clients() == 2
+    with pytest.raises(ValueError, match="needs at least 5 clients, got 4"):
+        rule(clients(*np.eye(4)))
 
 
 def test_farthest_point_seeds_stop_at_the_distinct_points() -> None:
@@ -425,3 +473,122 @@ def test_strategies_on_both_apis(api: str) -> None:
         }
         assert set(inspect.signature(rule.__init__).parameters) - {"self", "base_params"} <= shown
         assert name in module.__all__
+
+
+# ------------------------------------------------------- FLDetector review regressions
+def test_lbfgs_hvp_is_linear_in_the_directions() -> None:
+    a = np.random.default_rng(4).standard_normal((4, 6)) * [[1.0], [0.8], [0.7], [0.5]]
+    gram = a @ a.T
+    default = lbfgs_hvp_coefficients(gram)
+    many = lbfgs_hvp_coefficients(gram, np.array([[0, 0, 0, 1.0], [0, 0, 1.0, 0], [0, 0, 1, 1.0]]))
+    assert default is not None and many is not None and many.shape == (3, 4)
+    np.testing.assert_allclose(many[0], default, rtol=1e-10)
+    np.testing.assert_allclose(many[2], many[0] + many[1], rtol=1e-9, atol=1e-12)
+
+
+def test_fldetector_constant_client_does_not_get_the_honest_majority_rejected() -> None:
+    """Review p10: a client sending the same update every round fits the prediction best,
+    so the 9 noisy honest clients form the higher-score cluster; they are a majority and
+    must not be flagged (the paper assumes a malicious minority)."""
+    rng = np.random.default_rng(10)
+    rule = FLDetector(fldetector_window=3)
+    ids = [f"h{i}" for i in range(9)] + ["A"]
+    skipped = 0
+    for _ in range(12):
+        x = (0.05 * rng.standard_normal((10, 50)) + 0.01).astype(np.float32)
+        x[9] = 2.0
+        result = rule(clients(*x), client_ids=ids)
+        assert result.rejected == {} and result.info["flagged"] == 0
+        assert abs(float(np.median(flat(result))) - 0.01) < 0.05
+        skipped += result.info["majority_not_flagged"]
+    assert skipped > 0  # the detection did fire on the honest majority and was overruled
+
+
+def test_fldetector_scores_a_client_across_the_rounds_it_skips() -> None:
+    """Review p9: a client present every other round used to be never scored. Its
+    prediction now spans the gap (w_t - w_s = the last two outputs) and, being
+    inconsistent, it is flagged; the honest clients present every round are kept."""
+    model = Quadratic(0)
+    rule = FLDetector(fldetector_window=3)
+    everyone = [f"node-{i}" for i in range(10)]
+    flagged_rounds = 0
+    for t in range(12):
+        x = np.array(model.updates())
+        present = list(range(10)) if t % 2 == 0 else list(range(1, 10))
+        result = rule(rows(x[present]), client_ids=[everyone[i] for i in present])
+        if t % 2 == 0 and t >= 2:
+            assert result.info["scored"] == 10 and result.scores[0] > 0
+        if t % 2 == 0:
+            assert set(result.rejected) <= {0}
+            flagged_rounds += 0 in result.rejected
+        else:
+            assert result.rejected == {}
+        model.w = model.w + flat(result).astype(np.float64)
+    assert flagged_rounds >= 2
+
+
+def test_fldetector_forgets_clients_unseen_for_more_than_the_window() -> None:
+    rng = np.random.default_rng(3)
+    rule = FLDetector(fldetector_window=3)
+    for t in range(40):
+        ids = [f"s{i}" for i in range(5)] + [f"p{t // 2}_{i}" for i in range(5)]
+        rule(clients(*rng.standard_normal((10, 8))), client_ids=ids)
+    # the stable 5 plus the churning ids of the last window + 1 rounds (two per pair of rounds)
+    assert len(rule._seen) == len(rule._previous) <= 5 + 10
+    assert len(rule._distances) <= 5 + 10
+    assert "p0_0" not in rule._seen and rule.suspicious_score("p0_0") is None
+
+
+def test_robust_lr_one_dissenter_at_min_clients_flips_nothing() -> None:
+    """Review p11: at n = theta = 4 one client against three gave |sum| = 2 < 4 and
+    reversed every coordinate (-0.5 everywhere). min_clients = theta + 2: at n = 6 one
+    dissenter leaves |sum| = 4 = theta (kept); at n = 5 the rule refuses to run."""
+    rule = get_aggregator("robust_lr")
+    assert rule.min_clients() == 6
+    x = np.ones((6, 10), np.float32)
+    x[0] = -1
+    result = rule(clients(*x))
+    assert result.info["flipped"] == 0
+    np.testing.assert_allclose(flat(result), np.full(10, 4 / 6), rtol=1e-6)
+    with pytest.raises(ValueError, match="a single dissenting client would flip"):
+        rule(clients(*x[:5]))
+    assert get_aggregator("robust_lr", rlr_threshold=1).min_clients() == 3
+
+
+# ------------------------------------------------------ SignGuard review regressions
+def test_sign_features_are_scaled_by_their_maxima() -> None:
+    features = np.array([[0.5, 0.0, 0.5], [0.25, 0.0, 0.75], [1.0, 0.0, 0.0]])
+    np.testing.assert_allclose(
+        scaled_by_maximum(features), [[0.5, 0.0, 0.5 / 0.75], [0.25, 0.0, 1.0], [1.0, 0.0, 0.0]]
+    )
+
+
+def test_signguard_reads_one_contiguous_window_of_coordinates() -> None:
+    """Review p11: the authors' code takes 10% of the coordinates in one window at a random
+    offset. Client 8 is negative on the first half, positive on the second, the others
+    positive everywhere: a window inside the second half cannot tell it apart (kept),
+    one inside the first half can (rejected). Scattered coordinates would mix both halves
+    every round (kept with probability about 2**-10)."""
+    x = np.ones((9, 100), np.float32) + 0.01 * np.random.default_rng(0).random((9, 100))
+    x[8, :50] *= -1
+    rule = get_aggregator("signguard", seed=1)
+    kept = []
+    for _ in range(8):
+        result = rule(clients(*x))
+        assert result.info["coordinates"] == 10 and set(range(8)) <= set(result.kept)
+        kept.append(8 in result.kept)
+    assert any(kept) and not all(kept)
+
+
+def test_signguard_on_honest_gaussian_clients() -> None:
+    """20 honest Gaussian clients: the norm filter passes all of them; the reference's
+    MeanShift (quantile-0.5 bandwidth, cluster_all=False) splits the honest cloud and
+    rejects a part of it (measured 6-11 of 20, see the class docstring), but keeps the
+    largest group and the output stays near the honest mean."""
+    for seed in range(3):
+        x = (np.random.default_rng(seed).standard_normal((20, 2000)) + 0.05).astype(np.float32)
+        result = get_aggregator("signguard", seed=seed)(clients(*x))
+        assert result.info["norm_rejected"] == 0 and len(result.kept) >= 8
+        assert all("largest MeanShift cluster" in t for t in result.rejected.values())
+        centre = x.astype(np.float64).mean(0)
+        assert np.linalg.norm(flat(result) - centre) < np.linalg.norm(x[0] - centre)

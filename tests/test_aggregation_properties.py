@@ -123,8 +123,11 @@ def test_translation_equivariance(name: str, seed: int, shift: float) -> None:
     c = (shift * rng.standard_normal(20)).astype(np.float32)
     a = make(name)(updates_from(x), client_ids=IDS.tolist())
     b = make(name)(updates_from(x + c), client_ids=IDS.tolist())
-    np.testing.assert_allclose(flat(b), flat(a) + c, rtol=1e-4, atol=2e-4 * (1 + abs(shift)))
     assert a.kept == b.kept
+    if a.info.get("no_majority"):  # a skipped round (cluster filter): zero, whatever the shift
+        assert b.info.get("no_majority") and not flat(b).any()
+        return
+    np.testing.assert_allclose(flat(b), flat(a) + c, rtol=1e-4, atol=2e-4 * (1 + abs(shift)))
 
 
 ATTACKS = {

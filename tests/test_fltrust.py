@@ -85,6 +85,33 @@ def test_huge_client_is_rescaled_to_the_server_norm(scale: float) -> None:
     assert np.linalg.norm(out) <= 2.0 * (1 + 1e-6)
 
 
+@pytest.mark.parametrize("scale", [1e-20, 1e-30, 1e-40])
+def test_tiny_client_is_rescaled_not_taken_for_a_zero_update(scale: float) -> None:
+    """Review p4: squares of values around 1e-30 underflow float32 to exactly 0, so the
+    client looked like a zero row (trust 0). Its products are now redone rescaled."""
+    rule = FLTrust(server_update_fn=fixed([0.0, 2.0]))
+    result = rule(clients([0, 1], [scale, scale]))
+    t = 1 / np.sqrt(2)
+    np.testing.assert_allclose(result.scores, [1, t], rtol=1e-5)
+    expected = (np.array([0, 2]) + t * np.array([np.sqrt(2), np.sqrt(2)])) / (1 + t)
+    np.testing.assert_allclose(flat(result), expected, rtol=1e-5)
+    assert result.kept == [0, 1]
+
+
+def test_matrix_products_of_underflowing_rows() -> None:
+    from flwr_robust.aggregation.matrix import UpdateMatrix
+
+    x = np.array([[3e-30, 4e-30, 0.0], [0.0, 0.0, 0.0], [1.0, 2.0, 2.0]], np.float32)
+    matrix = UpdateMatrix(clients(*x))
+    exact = x.astype(np.float64) @ x.astype(np.float64).T
+    np.testing.assert_allclose(matrix.gram(centered=False), exact, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(matrix.squared_norms(), np.diag(exact), rtol=1e-6, atol=0)
+    # centred around the zero row: the tiny row's distance to it is still 5e-30
+    np.testing.assert_allclose(
+        UpdateMatrix(clients(*x[:2])).gram(), exact[:2, :2], rtol=1e-6, atol=0
+    )
+
+
 def test_zero_client_update_has_no_direction() -> None:
     result = FLTrust(server_update_fn=fixed([1, 0]))(clients([0, 0], [2, 0]))
     assert result.kept == [1] and "zero update" in result.rejected[0]

@@ -49,7 +49,7 @@ RULES = {
     "dnc": ("dnc", lambda f: {"num_malicious": f}, None),
     # an outlier of the honest norm and signs passes both filters
     "signguard": ("signguard", lambda f: {}, None),
-    "robust_lr": ("robust_lr", lambda f: {"rlr_threshold": 2}, None),
+    "robust_lr": ("robust_lr", lambda f: {"rlr_threshold": 1}, None),
     # a single round: its base rule (the median) on every client
     "fldetector": ("fldetector", lambda f: {"num_malicious": f}, "box"),
     # server update: a fixed direction (its norm bound is tested in test_fltrust)

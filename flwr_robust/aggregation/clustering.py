@@ -68,20 +68,38 @@ def hdbscan_labels(
 
 
 def _no_cluster_result(
-    matrix: UpdateMatrix, rule: str, scores: np.ndarray, info: dict[str, Any]
+    matrix: UpdateMatrix,
+    rule: str,
+    scores: np.ndarray,
+    info: dict[str, Any],
+    largest: int | None = None,
 ) -> AggregationResult:
-    logger.warning(
-        "%s: HDBSCAN labelled all %d updates as noise; skipping the round (zero update)",
-        rule, matrix.n,
-    )
+    """The skipped round: zero update, every client rejected. ``largest`` is the size of
+    the largest cluster when clusters exist but none holds a majority."""
+    if largest is None:
+        reason, flag = NO_CLUSTER_REASON, {"no_cluster": 1}
+        logger.warning(
+            "%s: HDBSCAN labelled all %d updates as noise; skipping the round (zero update)",
+            rule, matrix.n,
+        )
+    else:
+        reason = (
+            f"no cluster holds a majority (largest {largest} of {matrix.n}): the round is "
+            "skipped (zero update)"
+        )
+        flag = {"no_majority": 1}
+        logger.warning(
+            "%s: the largest cluster holds %d of %d updates, not a majority; skipping the "
+            "round (zero update)", rule, largest, matrix.n,
+        )
     return result_from_flat(
         matrix,
         np.zeros(matrix.d, dtype=np.float32),
         [],
-        reason=NO_CLUSTER_REASON,
+        reason=reason,
         scores=scores,
         weights=np.zeros(matrix.n),
-        info={**info, "no_cluster": 1},
+        info={**info, **flag},
     )
 
 
@@ -243,9 +261,12 @@ class ClusterFilter(Aggregator):
     (with ``k = 2`` it isolates one of them and keeps the others with the honest group).
     Without attackers every variant drops a sizeable part of the honest updates.
 
-    Ties between clusters of equal size go to the tighter one (smaller mean squared
-    distance to its mean), then to the one holding the first update of the canonical order
-    (see :meth:`~.base.Aggregator.__call__`). Example counts
+    A cluster is kept only when it holds a strict majority (more than ``n / 2``) of the
+    updates, so there is never a tie, and a small group of identical (Sybil) updates can
+    win only by being the majority. Otherwise (e.g. ``k >= 3`` splitting the honest
+    updates, or HDBSCAN labelling most of them as noise) the round is skipped: zero update,
+    every client rejected with a reason, a warning, ``info["no_majority"] = 1``. With
+    k-means ``min_clients`` is ``n_clusters`` (at least one update per cluster). Example counts
     are ignored (unweighted mean). ``scores`` are, per ``metric``, the cosine distance of
     each update to the mean direction of the kept updates, or its Euclidean distance to
     their mean.
@@ -259,7 +280,7 @@ class ClusterFilter(Aggregator):
     min_cluster_size : int
         HDBSCAN's smallest cluster (capped at ``n``); unused by k-means.
     n_clusters : int
-        k-means' ``k`` (at least 2); unused by HDBSCAN.
+        k-means' ``k`` (at least 2, at most the number of clients); unused by HDBSCAN.
     """
 
     name = "cluster"
@@ -281,7 +302,7 @@ class ClusterFilter(Aggregator):
         self.n_clusters = check_int("n_clusters", n_clusters, minimum=2)
 
     def min_clients(self) -> int:
-        return 2
+        return self.n_clusters if self.method == "kmeans" else 2
 
     def translation_equivariant(self) -> bool:
         return self.metric == "euclidean"
@@ -320,15 +341,12 @@ class ClusterFilter(Aggregator):
         }
         if clusters.size == 0:
             return _no_cluster_result(matrix, self.name, distances.sum(1) / max(n - 1, 1), info)
-
-        def rank(label: int) -> tuple[int, float, int]:
-            members = np.flatnonzero(labels == label)
-            block = inner[np.ix_(members, members)]
-            spread = float(np.trace(block) / members.size - block.sum() / members.size**2)
-            return (-members.size, spread, int(members[0]))
-
-        chosen = min(clusters.tolist(), key=rank)
-        kept = np.flatnonzero(labels == chosen)
+        sizes = np.array([np.sum(labels == label) for label in clusters])
+        if 2 * int(sizes.max()) <= n:
+            return _no_cluster_result(
+                matrix, self.name, distances.sum(1) / max(n - 1, 1), info, int(sizes.max())
+            )
+        kept = np.flatnonzero(labels == clusters[np.argmax(sizes)])
         weights = np.zeros(n)
         weights[kept] = 1.0 / kept.size
         flat = matrix.combine(weights[kept], rows=kept.tolist())

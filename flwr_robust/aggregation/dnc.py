@@ -65,8 +65,14 @@ class DnC(Aggregator):
     intersection is empty (several iterations removing different clients), the clients kept
     in the most iterations form the good set.
 
-    Defaults are the paper's (``niters = 1``, ``c = 1``, ``b = 10000``); with fewer than
-    ``b`` coordinates every coordinate is used (no draw). Randomness: the coordinates are
+    Defaults ``niters = 1``, ``c = 1``, ``b = 10000``: unconfirmed against the paper's
+    experimental setup (its text was not reachable here, and the authors' repository
+    github.com/vrt1shjwlkr/NDSS21-Model-Poisoning, as stored, holds the attacks but no DnC
+    code); third-party code uses the same values (the Blades library's ``Dnc``:
+    ``sub_dim=10000, num_iters=1, filter_frac=1.0``; other copies use ``num_iters=5``),
+    while SignGuard's authors' DnC (github.com/JianXu95/SignGuard) uses one iteration,
+    ``b = 1000`` and ``c = (n - 1) / n``. With fewer than ``b`` coordinates every
+    coordinate is used (no draw). Randomness: the coordinates are
     drawn from a generator seeded with ``seed`` (0 by default, so runs are reproducible);
     draws continue across rounds and :meth:`reset` re-seeds. Draws never depend on the
     clients' order or values, and the clients are seen in the canonical order, so the

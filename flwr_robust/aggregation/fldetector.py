@@ -40,15 +40,20 @@ def _products(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def lbfgs_hvp_coefficients(gram: np.ndarray) -> np.ndarray | None:
+def lbfgs_hvp_coefficients(
+    gram: np.ndarray, directions: np.ndarray | None = None
+) -> np.ndarray | None:
     """Coefficients ``c`` with ``H v = sum_j c_j a_j``, the L-BFGS Hessian-vector product
     (FLDetector's Algorithm 1, the compact form of Byrd, Nocedal, Schnabel 1994), from
     ``gram``, the Gram matrix of the stored global updates ``a_0..a_{m-1}`` (oldest first).
 
     The "gradient" of round ``k`` is ``g_k = -a_k`` and the model moved by ``a_k`` after it,
     so the pairs are ``s_j = a_{j-1}`` (``w_j - w_{j-1}``), ``y_j = a_{j-1} - a_j``
-    (``g_j - g_{j-1}``) and ``v = a_{m-1}`` (``w_t - w_{t-1}``). Pairs without positive
-    curvature (``s.y <= 0``) are skipped, as L-BFGS does. ``None`` without a usable pair.
+    (``g_j - g_{j-1}``) and by default ``v = a_{m-1}`` (``w_t - w_{t-1}``). ``directions``,
+    shape ``(q, m)``, gives other vectors ``v = sum_j e_j a_j`` instead (one per row, e.g.
+    ``w_t - w_s``, the sum of the last ``t - s`` updates); the result is then ``(q, m)``.
+    Pairs without positive curvature (``s.y <= 0``) are skipped, as L-BFGS does. ``None``
+    without a usable pair.
     """
     m = len(gram)
     if m < 2:
@@ -68,12 +73,17 @@ def lbfgs_hvp_coefficients(gram: np.ndarray) -> np.ndarray | None:
     sigma = sy_matrix[-1, -1] / ss_matrix[-1, -1]
     lower = np.tril(sy_matrix, -1)
     middle = np.block([[-np.diag(np.diag(sy_matrix)), lower.T], [lower, sigma * ss_matrix]])
-    last = gram[:, m - 1]
-    rhs = np.concatenate([select_y @ last, sigma * (select_s @ last)])
+    single = directions is None
+    e = np.eye(1, m, m - 1) if directions is None else np.atleast_2d(directions)
+    products = gram @ e.T  # (m, q): a_j . v
+    rhs = np.concatenate([select_y @ products, sigma * (select_s @ products)])
     p = np.linalg.lstsq(middle, rhs, rcond=None)[0]
-    coefficients = -select_y.T @ p[: valid.size] - sigma * (select_s.T @ p[valid.size :])
-    coefficients[m - 1] += sigma
-    return coefficients if np.all(np.isfinite(coefficients)) else None
+    coefficients = (
+        -select_y.T @ p[: valid.size] - sigma * (select_s.T @ p[valid.size :]) + sigma * e.T
+    ).T
+    if not np.all(np.isfinite(coefficients)):
+        return None
+    return coefficients[0] if single else coefficients
 
 
 def kmeans_1d_costs(values: np.ndarray, max_clusters: int) -> np.ndarray:
@@ -154,18 +164,28 @@ class FLDetector(Aggregator):
     = w_t + a_t``, rounds consecutive): the model differences are the rule's own previous
     outputs and the "gradients" the negated updates (``g = -a``; a learning rate is
     absorbed into ``H``). If the server scales the aggregate or skips rounds, call
-    :meth:`reset`. State is keyed by ``client_ids`` (required): each client's previous
-    update (``4 * d`` bytes per client of the last round, dropped for the others), the last
-    ``N + 1`` outputs and each client's last ``N`` distances. :meth:`reset` forgets all of it.
+    :meth:`reset`. State is keyed by ``client_ids`` (required): the last ``N + 1`` outputs
+    and, per client seen in the last ``N + 1`` rounds, its last update with its round
+    (``4 * d`` bytes each) and its last ``N`` distances; a client not seen for more than
+    ``N`` rounds is forgotten (bounded memory under churn). :meth:`reset` forgets all of it.
 
     Deviations: the paper removes detected clients for good and restarts training from a
     checkpoint; here flagged clients are rejected in the rounds they are flagged (a client
     that stays inconsistent keeps a high score and stays rejected). The paper assumes full
-    participation; a client absent in the previous round has no prediction and is not
-    scored (score 0) in this round. L-BFGS pairs without positive curvature are skipped;
-    without any pair nothing is scored. The detection needs at least 3 scored clients. The
-    gap statistic uses 20 uniform reference sets (seeded), at most 10 clusters. ``scores``
-    are the suspicious scores (0 when not scored).
+    participation; here a client last seen ``k`` rounds ago (``k <= N + 1``, within the
+    stored outputs) is predicted across the gap, ``g_hat = g_s + H_t (w_t - w_s)`` with
+    ``w_t - w_s`` the sum of the last ``k`` outputs, so skipping rounds does not escape
+    scoring; a client with no stored update (new, renamed or forgotten) is not scored (score
+    0) in that round: a Sybil that takes a fresh id every round is never scored, and only
+    the base rule stands against it. The paper assumes the malicious clients are a
+    minority: the higher k-means cluster is flagged only when it holds fewer than half of
+    the scored clients; otherwise nobody is flagged (logged, ``info["majority_not_flagged"]
+    = 1``), since a client sending the same update every round fits the prediction best and
+    would otherwise push every honest (noisy) client into the higher cluster. L-BFGS pairs
+    without positive curvature are skipped; without any pair nothing is scored. The
+    detection needs at least 3 scored clients. The gap statistic uses 20 uniform reference
+    sets (seeded), at most 10 clusters. ``scores`` are the suspicious scores (0 when not
+    scored).
 
     Parameters
     ----------
@@ -201,7 +221,9 @@ class FLDetector(Aggregator):
         self.fldetector_base_rule = canonical_name(fldetector_base_rule)
         self.base_params = dict(base_params)
         self._outputs: deque[np.ndarray] = deque(maxlen=self.fldetector_window + 1)
-        self._previous: dict[Any, np.ndarray] = {}
+        self._round = 0
+        self._seen: dict[Any, int] = {}  # client -> the last round it took part in
+        self._previous: dict[Any, np.ndarray] = {}  # client -> its update of that round
         self._distances: dict[Any, deque[float]] = {}
         self._scored_rounds = 0
 
@@ -215,6 +237,8 @@ class FLDetector(Aggregator):
 
     def reset(self) -> None:
         self._outputs.clear()
+        self._round = 0
+        self._seen.clear()
         self._previous.clear()
         self._distances.clear()
         self._scored_rounds = 0
@@ -233,21 +257,22 @@ class FLDetector(Aggregator):
             )
 
     def _distances_to_prediction(
-        self, matrix: UpdateMatrix, rows: np.ndarray, previous: np.ndarray
+        self, matrix: UpdateMatrix, rows: np.ndarray, previous: np.ndarray, gaps: np.ndarray
     ) -> np.ndarray | None:
-        """``||u_i^{t-1} - H v - u_i^t||`` for the client rows ``rows`` (previous updates
-        ``previous``, same order); ``None`` without a usable Hessian estimate."""
+        """``||u_i^s + H (w_t - w_s) - u_i^t||`` for the client rows ``rows`` (their last
+        updates ``previous``, same order, sent ``gaps`` rounds ago); ``None`` without a
+        usable Hessian estimate."""
         stored = np.stack(self._outputs)
-        coefficients = lbfgs_hvp_coefficients(_products(stored, stored))
+        m = len(stored)
+        distinct, which = np.unique(gaps, return_inverse=True)
+        directions = (np.arange(m)[None, :] >= m - distinct[:, None]).astype(np.float64)
+        coefficients = lbfgs_hvp_coefficients(_products(stored, stored), directions)
         if coefficients is None:
             return None
-        hvp = np.zeros(matrix.d)
-        for start in range(0, matrix.d, CHUNK):
-            part = stored[:, start : start + CHUNK].astype(np.float64)
-            hvp[start : start + CHUNK] = np.einsum("i,ij->j", coefficients, part)
         squared = np.zeros(rows.size)
         for start, stop, block in matrix.blocks(rows.tolist()):
-            diff = previous[:, start:stop].astype(np.float64) - hvp[start:stop] - block
+            hvp = coefficients @ stored[:, start:stop].astype(np.float64)  # (gaps, width)
+            diff = previous[:, start:stop].astype(np.float64) - hvp[which] - block
             squared += np.einsum("ij,ij->i", diff, diff)
         distances = np.sqrt(squared)
         return distances if np.all(np.isfinite(distances)) else None
@@ -259,15 +284,28 @@ class FLDetector(Aggregator):
         self._check_size(matrix.d)
         n = matrix.n
         scores = np.zeros(n)
-        rows = np.array([i for i, c in enumerate(client_ids) if c in self._previous], np.int64)
+        gap_of = {
+            c: self._round - self._seen[c] for c in client_ids if c in self._previous
+        }
+        rows = np.array(
+            [i for i, c in enumerate(client_ids) if 0 < gap_of.get(c, 0) <= len(self._outputs)],
+            np.int64,
+        )
+        if rows.size < n:
+            logger.info(
+                "fldetector: %d of %d clients have no stored update within the window; "
+                "not scored this round", n - rows.size, n,
+            )
         distances = None
         if rows.size and len(self._outputs) >= 2:
             previous = np.stack([self._previous[client_ids[i]] for i in rows])
-            distances = self._distances_to_prediction(matrix, rows, previous)
+            gaps = np.array([gap_of[client_ids[i]] for i in rows], np.int64)
+            distances = self._distances_to_prediction(matrix, rows, previous, gaps)
             if distances is None:
                 logger.info("fldetector: no usable Hessian estimate this round; nothing scored")
         flagged = np.zeros(n, dtype=bool)
         clusters = 0
+        majority_not_flagged = 0
         if distances is not None:
             total = float(distances.sum())
             normalised = distances / total if total > 0 else np.zeros(rows.size)
@@ -281,7 +319,16 @@ class FLDetector(Aggregator):
             if self._scored_rounds >= self.fldetector_window and rows.size >= MIN_SCORED:
                 clusters = gap_statistic_clusters(scores[rows])
                 if clusters > 1:
-                    flagged[rows[upper_cluster(scores[rows])]] = True
+                    upper = upper_cluster(scores[rows])
+                    if 2 * int(upper.sum()) < rows.size:
+                        flagged[rows[upper]] = True
+                    else:
+                        majority_not_flagged = 1
+                        logger.info(
+                            "fldetector: the higher-score cluster holds %d of %d scored "
+                            "clients, not a minority; nobody flagged this round",
+                            int(upper.sum()), rows.size,
+                        )
         allowed = np.flatnonzero(~flagged)
         if allowed.size < self.base.min_clients():
             raise ValueError(
@@ -315,16 +362,26 @@ class FLDetector(Aggregator):
                 "scored": int(0 if distances is None else rows.size),
                 "flagged": int(flagged.sum()),
                 "gap_clusters": int(clusters),
+                "majority_not_flagged": majority_not_flagged,
             },
         )
 
     def _remember(
         self, matrix: UpdateMatrix, client_ids: list[Any], update: list[np.ndarray]
     ) -> None:
-        """Store this round's output and client updates (the previous round's are dropped)."""
+        """Store this round's output and client updates, and forget the clients not seen
+        for more than ``fldetector_window`` rounds."""
         rows = np.empty((matrix.n, matrix.d), dtype=np.float32)
         for start, stop, block in matrix.blocks(list(range(matrix.n))):
             rows[:, start:stop] = block
-        self._previous = dict(zip(client_ids, rows, strict=True))
+        for client, row in zip(client_ids, rows, strict=True):
+            self._previous[client] = row
+            self._seen[client] = self._round
         flat = np.concatenate([np.asarray(layer, np.float32).reshape(-1) for layer in update])
         self._outputs.append(flat)
+        oldest = self._round - self.fldetector_window
+        for client in [c for c, seen in self._seen.items() if seen < oldest]:
+            del self._seen[client]
+            self._previous.pop(client, None)
+            self._distances.pop(client, None)
+        self._round += 1

@@ -142,13 +142,27 @@ def _column_medians(block: np.ndarray) -> np.ndarray:
     return out
 
 
-def _safe_products(products: np.ndarray) -> bool:
+def _underflowed_rows(squared: np.ndarray, block: np.ndarray | None) -> bool:
+    """Whether a row of ``block`` with a zero float32 squared norm (``squared``) holds a
+    non-zero value (its squares underflowed). Only the zero-norm rows are read: on ordinary
+    data there are none, and no extra pass over the block is made."""
+    if block is None:
+        return False
+    zero = np.flatnonzero(squared == 0)
+    return bool(zero.size) and bool(np.any(block[zero] != 0))
+
+
+def _safe_products(products: np.ndarray, block: np.ndarray | None = None) -> bool:
     """Whether float32 products of a block are free of over- and underflow: finite, and
-    every squared row norm (the diagonal) zero or within ``[TINY, HUGE]``."""
+    every squared row norm (the diagonal) within ``[TINY, HUGE]``, or zero for a row that
+    is zero (checked when ``block``, the rows multiplied, is given: a row of values around
+    1e-30 has squares that underflow to exactly 0)."""
     diagonal = np.diag(products)
     if not np.all(np.isfinite(products)) or np.any(diagonal > HUGE):
         return False
-    return not np.any((diagonal > 0) & (diagonal < TINY))
+    if np.any((diagonal > 0) & (diagonal < TINY)):
+        return False
+    return not _underflowed_rows(diagonal, block)
 
 
 def _block_products(block: np.ndarray, torch: Any) -> np.ndarray | None:
@@ -158,7 +172,7 @@ def _block_products(block: np.ndarray, torch: Any) -> np.ndarray | None:
     values. May scale ``block``'s rows in place (it is scratch)."""
     tensor = torch.from_numpy(block)
     part = (tensor @ tensor.T).numpy().astype(np.float64)
-    if _safe_products(part):
+    if _safe_products(part, block):
         return part
     low, high = torch.aminmax(tensor, dim=1)
     peak = np.maximum(-low.numpy(), high.numpy()).astype(np.float64)
@@ -179,11 +193,12 @@ def _all_finite(values: np.ndarray) -> bool:
     return math.isfinite(float(np.sum(values, dtype=np.float64)))
 
 
-def _safe_norms(norms: np.ndarray) -> bool:
+def _safe_norms(norms: np.ndarray, block: np.ndarray | None = None) -> bool:
+    """As :func:`_safe_products` for squared row norms ``norms`` of ``block``."""
     return bool(
         np.all(np.isfinite(norms)) and not np.any(norms > HUGE)
         and not np.any((norms > 0) & (norms < TINY))
-    )
+    ) and not _underflowed_rows(norms, block)
 
 
 def weighted_rows(weights: np.ndarray, block: np.ndarray, out: np.ndarray) -> None:
@@ -467,7 +482,7 @@ class UpdateMatrix:
         for start, stop, block in self.blocks(rows):
             # float32 sums within a block (a few thousand terms), float64 across blocks
             part = np.einsum("ij,ij->i", block, block).astype(np.float64)
-            if not _safe_norms(part):
+            if not _safe_norms(part, block):
                 exact = self.exact_block(start, stop, rows)
                 part = np.einsum("ij,ij->i", exact, exact)
             result += part
@@ -480,8 +495,9 @@ class UpdateMatrix:
         each selected row is read once, the chunk being summed stays in cache. Uses torch
         like :meth:`gram`: alternating numpy's BLAS and torch's thread pools in one
         aggregation stalls both (measured 3-5x slower). A non-finite result (a float32
-        overflow of finite values) is recomputed in float64; it stays non-finite only when
-        the exact sum lies beyond float32's range.
+        overflow of finite values) is recomputed in float64, and a weight beyond float32's
+        range is applied in float64 directly; the result stays non-finite only when the
+        exact sum lies beyond float32's range.
         """
         import torch  # lazy, see gram()
 
@@ -490,10 +506,14 @@ class UpdateMatrix:
                         if w != 0.0]
         base_weight = -sum(w for r, w in coefficients if r < self.n)
         out = np.zeros(self.d, dtype=np.float32)
+        # a weight beyond float32 (a rescaled tiny row) cannot scale float32 values: float64
+        limit = float(np.finfo(np.float32).max)
+        wide = abs(base_weight) > limit or any(abs(w) > limit for _, w in coefficients)
         with warnings.catch_warnings():  # the rows may be read-only views: only read here
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            self._accumulate(coefficients, base_weight, out, torch.float32, torch)
-            if not _all_finite(out):
+            if not wide:
+                self._accumulate(coefficients, base_weight, out, torch.float32, torch)
+            if wide or not _all_finite(out):
                 exact = np.zeros(self.d, dtype=np.float64)
                 self._accumulate(coefficients, base_weight, exact, torch.float64, torch)
                 with np.errstate(over="ignore"):
@@ -556,7 +576,7 @@ class UpdateMatrix:
             with np.errstate(over="ignore"):
                 np.subtract(block, vector[start:stop], out=block)
             part = np.einsum("ij,ij->i", block, block).astype(np.float64)
-            if not _safe_norms(part):
+            if not _safe_norms(part, block):
                 exact = self.exact_block(start, stop)
                 exact -= vector[start:stop]
                 part = np.einsum("ij,ij->i", exact, exact)

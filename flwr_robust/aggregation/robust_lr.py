@@ -45,8 +45,10 @@ class RobustLR(Aggregator):
 
     ``rlr_threshold`` is a count of clients: the paper advises a value above the number of
     corrupt clients; 4 is the value it uses with 10 clients. ``min_clients`` is
-    ``rlr_threshold``: with fewer clients no coordinate could reach it and every step would
-    be reversed. The weights are client claims: like FedAvg, the rule bounds no magnitude,
+    ``rlr_threshold + 2``: with ``n`` clients the vote ``|sum_i sign|`` on a coordinate
+    without zeros takes the values ``n, n - 2, ...``, and one dissenter against all others
+    gives ``n - 2``; below ``theta + 2`` clients that lone dissent (one attacker) would
+    reverse every coordinate, and below ``theta`` every step would be reversed anyway. The weights are client claims: like FedAvg, the rule bounds no magnitude,
     so one client (by its count or its update) can dominate the mean; RLR defends against
     backdoors, not against arbitrary updates. Not translation equivariant (signs depend on
     the origin). An output beyond float32's range (``rlr_server_lr > 1`` on huge updates)
@@ -80,10 +82,13 @@ class RobustLR(Aggregator):
         self.rlr_weighted = rlr_weighted
 
     def min_clients(self) -> int:
-        return self.rlr_threshold
+        return self.rlr_threshold + 2
 
     def _precondition_hint(self) -> str:
-        return " (with fewer clients than rlr_threshold every coordinate would be flipped)"
+        return (
+            " (with fewer than rlr_threshold + 2 clients a single dissenting client would "
+            "flip every coordinate)"
+        )
 
     def _aggregate(
         self, matrix: UpdateMatrix, num_examples: np.ndarray | None, client_ids: list[Any] | None
