@@ -230,6 +230,20 @@ def test_auto_num_malicious_follows_the_cell() -> None:
     assert all("num-malicious" not in c.run_config for c in cells if c.defence == "fedavg")
 
 
+def test_auto_num_malicious_with_client_sampling_is_the_expected_count_per_round() -> None:
+    raw = base()
+    raw["experiment"].update(clients=50, fractions=[0.2])
+    raw["run-config"]["fraction-train"] = 0.4  # 20 of 50 clients per round, 10 Byzantine
+    cfg = parse_config(raw)
+    krum = {c.attack: c.run_config["num-malicious"] for c in cfg.cells() if c.defence == "krum"}
+    assert set(krum.values()) == {4} and cfg.sampled_clients("krum") == 20
+    # the precondition is checked for the sampled round: Krum with f=4 needs n > 2f+2 = 10
+    raw["experiment"]["clients"] = 25  # 10 per round, f = round(5 * 10 / 25) = 2
+    raw["experiment"]["fractions"] = [0.44]  # 11 Byzantine -> 4 per round: 10 <= 2*4+2
+    with pytest.raises(grid.ConfigError, match="with 10 clients sampled per round"):
+        parse_config(raw)
+
+
 def test_byzantine_count_matches_the_client_app() -> None:
     assert grid.byzantine_count(0.2, 20) == 4
     assert grid.byzantine_count(0.1, 5) == round(0.5)  # Python's rounding, as the ClientApp

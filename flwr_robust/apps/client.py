@@ -175,17 +175,10 @@ class LocalTrainer:
         return len(role.colluders)
 
     def round_population(self, role: Role) -> tuple[int, int]:
-        """``(n, f)`` an attack assumes for a round: the clients the server samples
-        (``fraction-train`` of the federation, as FedAvg sizes its sample) and the colluders
-        expected among them (at least 1, this node). Colluders know the federation's size and
-        sampling, not which nodes the server picked: with client sampling ``f`` is the
-        expected count, ``round(|colluders| * n / N)``."""
-        total = self.num_partitions
-        sampled = min(total, max(1, int(total * self.settings.fraction_train)))
-        colluders = max(1, len(role.colluders))
-        if sampled == total:
-            return total, colluders
-        return sampled, min(sampled, max(1, round(colluders * sampled / total)))
+        """``(n, f)`` an attack assumes for a round (:meth:`RunSettings.round_population`):
+        colluders know the federation's size and sampling, not which nodes the server picked,
+        so with client sampling ``f`` is the expected count of colluders in the round."""
+        return self.settings.round_population(self.num_partitions, max(1, len(role.colluders)))
 
     def cached_honest_delta(
         self, global_arrays: NamedArrays, config: Mapping[str, Any], server_round: int

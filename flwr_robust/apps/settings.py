@@ -201,6 +201,17 @@ class RunSettings:
                 f"its own directories), got {self.keys_dir!r}"
             )
 
+    def round_population(self, num_partitions: int, num_byzantine: int) -> tuple[int, int]:
+        """``(n, f)`` of a training round: the clients FedAvg samples (``fraction-train`` of
+        the ``num_partitions`` nodes, at least 1) and the Byzantine clients expected among
+        them (``round(num_byzantine * n / N)``, at least 1 when there are any). With client
+        sampling the actual count varies from round to round around ``f``."""
+        sampled = min(num_partitions, max(1, int(num_partitions * self.fraction_train)))
+        if sampled == num_partitions or num_byzantine == 0:
+            return sampled, num_byzantine
+        expected = round(num_byzantine * sampled / num_partitions)
+        return sampled, min(sampled, max(1, expected))
+
     def dataset_options(self) -> dict[str, int]:
         """The dataset loader's size options (``max_train`` / ``max_test``) set in the run
         config."""

@@ -38,7 +38,10 @@ The grid is defence x attack x Byzantine fraction x partitioning x seed; a clean
 contributes one cell per defence x partitioning x seed (fraction 0). ``num-malicious = "auto"``
 is the number of Byzantine clients of the cell (``round(fraction * clients)``, the count the
 ClientApp uses); in clean cells it is the count of the largest fraction the defence runs at, so
-that the clean baseline measures the defence as it would be deployed against that threat.
+that the clean baseline measures the defence as it would be deployed against that threat. With
+client sampling (``fraction-train < 1``) it is the count expected among the clients a round
+samples (:meth:`RunSettings.round_population`), and each rule's precondition is checked for
+that many clients.
 
 Keys the grid sets itself (:data:`GRID_KEYS`: ``byzantine-fraction``, ``partitioner``,
 ``seed``, ...) may appear in no table, ``strategy`` only in defences, ``attack`` only in
@@ -219,15 +222,32 @@ class ExperimentConfig:
                                                    alpha, seed))
         return cells
 
+    def sampled_clients(self, defence: str) -> int:
+        """The clients a round of ``defence`` samples (``fraction-train`` of ``clients``)."""
+        return self._settings(defence).round_population(self.clients, 0)[0]
+
+    def round_byzantine(self, defence: str, count: int) -> int:
+        """``num-malicious = "auto"``: the Byzantine clients expected in a round of
+        ``defence`` when ``count`` of the ``clients`` are Byzantine (all of them without
+        client sampling)."""
+        return self._settings(defence).round_population(self.clients, count)[1]
+
+    def _fraction_train(self, defence: str) -> float:
+        merged = {**self.run_config, **self.defences[defence]}
+        return float(merged.get("fraction-train", 1.0))
+
+    def _settings(self, defence: str) -> RunSettings:
+        return RunSettings(fraction_train=self._fraction_train(defence))
+
     def cell(
         self, defence: str, attack: str, fraction: float, partitioner: str,
         alpha: float | None, seed: int,
     ) -> Cell:
         """The cell of these coordinates with its full run config (without ``results-file``)."""
         count = byzantine_count(fraction, self.clients)
-        assumed = count or max(
+        assumed = self.round_byzantine(defence, count or max(
             byzantine_count(f, self.clients) for f in self.defence_fractions[defence]
-        )
+        ))
         defence_keys = {
             key: assumed if key in AUTO_KEYS and value == AUTO else value
             for key, value in self.defences[defence].items()
@@ -485,11 +505,14 @@ def _validate_cells(config: ExperimentConfig) -> None:
         if key in seen:
             continue
         seen.add(key)
+        sampled = config.sampled_clients(cell.defence)
         where = f"[defences.{cell.defence}] x [attacks.{cell.attack}] " + (
             f"at Byzantine fraction {cell.fraction:g} ({cell.num_byzantine} of "
             f"{config.clients} clients)" if cell.fraction else "(clean baseline)")
+        if sampled < config.clients:
+            where += f" with {sampled} clients sampled per round"
         try:
-            build_rule(cell.run_config).check_num_clients(config.clients)
+            build_rule(cell.run_config).check_num_clients(sampled)
         except ValueError as exc:
             raise ConfigError(
                 f"{where}: {exc} (restrict the defence with fractions = [...] or change "
