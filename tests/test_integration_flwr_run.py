@@ -22,6 +22,10 @@ def read_jsonl(path: Path) -> list[dict]:
     [
         ("message", "krum", {"num-malicious": 1}),
         ("legacy", "trimmed_mean", {"num-malicious": 1}),
+        # issue 13's rules and attacks, one client of five attacking
+        ("legacy", "fltrust", {"attack": "fang_trim", "attack-omniscient": True,
+                               "byzantine-fraction": 0.2}),
+        ("message", "dnc", {"num-malicious": 1, "attack": "min_max", "byzantine-fraction": 0.2}),
     ],
 )
 def test_flwr_run_trains_and_logs_accuracy(
