@@ -32,6 +32,10 @@ import numpy as np
 
 from flwr_robust.aggregation import get_aggregator
 
+def _constant_server_update(weights: list[np.ndarray]) -> list[np.ndarray]:
+    return [np.full_like(w, 0.01) for w in weights]
+
+
 # rule -> (registry parameters given f, target ratio to the reference)
 RULES: dict[str, tuple[Callable[[int], dict], float | None]] = {
     "fedavg": (lambda f: {}, None),
@@ -53,6 +57,8 @@ RULES: dict[str, tuple[Callable[[int], dict], float | None]] = {
     "dnc": (lambda f: {"num_malicious": f}, None),
     "signguard": (lambda f: {}, None),
     "robust_lr": (lambda f: {}, None),
+    # the server update is a constant here: the root-data training is the app's cost
+    "fltrust": (lambda f: {"server_update_fn": _constant_server_update}, None),
     # a fresh rule: its first round (the base rule, plus storing the n updates: 4*n*d bytes)
     "fldetector": (lambda f: {"num_malicious": f}, None),
     "reputation": (lambda f: {"base_rule": "multi_krum", "num_malicious": f}, None),

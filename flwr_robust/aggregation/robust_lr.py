@@ -27,7 +27,7 @@ def sign_sums(matrix: UpdateMatrix) -> np.ndarray:
     """``sum_i sign(x_i)`` per coordinate (float64, exact: integers below 2**53)."""
     out = np.empty(matrix.d, dtype=np.float64)
     for start, stop, block in matrix.blocks(list(range(matrix.n))):
-        out[start:stop] = np.sign(block).sum(axis=0, dtype=np.float64)
+        out[start:stop] = np.sign(block, out=block).sum(axis=0, dtype=np.float64)
     return out
 
 
