@@ -72,3 +72,17 @@ def test_fingerprint_follows_the_settings() -> None:
     assert archive.fingerprint(other, cfg) != archive.fingerprint(cell, cfg)
     assert archive.fingerprint(cell, dataclasses.replace(cfg, rounds=cfg.rounds + 1)) != \
         archive.fingerprint(cell, cfg)
+
+
+def test_every_batch_reaches_the_archive_before_the_grid_ends(tmp_path: Path) -> None:
+    store = tmp_path / "cells.csv"
+    cfg = dataclasses.replace(with_archive(store), cells_per_run=1)
+    seen: list[int] = []
+
+    class Recording(FakeRun):
+        def run_one(self, run_config, partial_on_fail=False, **kwargs):  # type: ignore[override]
+            seen.append(len(archive.read_archive(store)))
+            return super().run_one(run_config, partial_on_fail, **kwargs)
+
+    runner.run_grid(cfg, tmp_path / "out", run=Recording(), progress=False)
+    assert seen == [0, 1, 2, 3]  # each run starts with the earlier cells archived

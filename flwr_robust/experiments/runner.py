@@ -223,6 +223,9 @@ def run_grid(
             failed += not row["ok"]
             if progress:
                 tqdm.write(summary_line(row))
+        if config.archive is not None:  # after every batch: an interrupted slice loses none
+            rounds, runs = collect(config, output)
+            write_archive(config, rounds, runs, ROUND_COLUMNS)
         bar.update(len(batch))
     bar.close()
     write_tables(config, output)
