@@ -32,6 +32,7 @@ import numpy as np
 
 from flwr_robust.aggregation import get_aggregator
 
+
 def _constant_server_update(weights: list[np.ndarray]) -> list[np.ndarray]:
     return [np.full_like(w, 0.01) for w in weights]
 
@@ -179,7 +180,8 @@ def warm_up(n: int, f: int) -> None:
 
 
 def run_main(
-    n: int, d: int, f: int, repeats: int, with_flower: bool, with_memory: bool = True
+    n: int, d: int, f: int, repeats: int, with_flower: bool, with_memory: bool = True,
+    only: set[str] | frozenset[str] = frozenset(),
 ) -> bool:
     warm_up(n, f)
     updates = make_updates(n, d)
@@ -196,6 +198,8 @@ def run_main(
     print("-" * len(header))
     all_ok = True
     for label, (params, target) in RULES.items():
+        if only and label not in only:
+            continue
         name = label.split("/")[0]
         seconds = measure(rule_call(label, f, updates), repeats)
         ratio = seconds / reference
@@ -290,6 +294,7 @@ def main() -> None:
     parser.add_argument("--no-flower", action="store_true", help="skip Flower's built-ins")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory column")
     parser.add_argument("--quick", action="store_true", help="n=20, d=2e5, f=4, no scaling")
+    parser.add_argument("--rules", default="", help="only these labels, e.g. dnc,fltrust")
     parser.add_argument("--memory-child", metavar="RULE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -297,7 +302,15 @@ def main() -> None:
         return
     if args.quick:
         args.n, args.d, args.f, args.repeats, args.scaling = 20, 200_000, 4, 2, ""
-    ok = run_main(args.n, args.d, args.f, args.repeats, not args.no_flower, not args.no_memory)
+    only = {label for label in args.rules.split(",") if label}
+    unknown = sorted(only - set(RULES))
+    if unknown:
+        parser.error(f"--rules: unknown {unknown}; known: {', '.join(RULES)}")
+    ok = run_main(args.n, args.d, args.f, args.repeats, not args.no_flower, not args.no_memory,
+                  only)
+    if only:  # a selection: the main table only
+        print("\nall targets met" if ok else "\nsome targets NOT met (see verdicts)")
+        return
     run_hostile(args.n, args.d, args.f, args.repeats)
     if args.scaling:
         run_scaling([int(v) for v in args.scaling.split(",")], args.d, max(args.repeats - 2, 1))
