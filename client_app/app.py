@@ -7,10 +7,13 @@ from flwr.client.message_handler.message_handler import handle_legacy_message_fr
 from flwr.clientapp import ClientApp
 
 from flwr_robust.apps import client
+from flwr_robust.privacy import local_dp_mod
 from flwr_robust.security.mod import fault_injection_mod, integrity_mod
 
 # fault_injection_mod is inert unless run config 'integrity-faults' names this node (tests).
-app = ClientApp(mods=[fault_injection_mod, integrity_mod])
+# local_dp_mod (inert unless 'dp-clip' and 'dp-noise-multiplier' are set) comes after
+# integrity_mod: it sees the reply first, so the noised update is the one that gets signed.
+app = ClientApp(mods=[fault_injection_mod, integrity_mod, local_dp_mod])
 
 
 def _legacy(message: Message, context: Context) -> bool:

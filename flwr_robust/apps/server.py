@@ -42,6 +42,7 @@ from ..ops.anomaly import AnomalyDetectionHook
 from ..ops.audit import AuditLog
 from ..ops.checkpoint import CheckpointHook, CheckpointStore, resume_state
 from ..ops.telemetry import PrometheusHook
+from ..privacy import PrivacyPolicyHook
 from ..security import KeyDir, TrustStore, load_private_key
 from ..security.hooks import SignGlobalModel, VerifyUpdateSignatures
 from ..strategy import RobustAggregation, StrategyHook
@@ -230,6 +231,15 @@ def integrity_hooks(keys_dir: Path, run_id: int) -> list[StrategyHook]:
 
 #: Mixed into the run seed for FLTrust's root dataset and server training shuffles.
 FLTRUST_SEED_TAG = 0x464C54
+
+
+def privacy_hook(settings: RunSettings) -> PrivacyPolicyHook | None:
+    """The privacy policy (``dp-policy-max-epsilon`` / ``-delta``), or a reporting-only hook
+    when the clients run local DP (``dp-clip`` and ``dp-noise-multiplier``); else ``None``."""
+    policy = (settings.dp_policy_max_epsilon or None, settings.dp_policy_max_delta or None)
+    if policy == (None, None) and not (settings.dp_clip and settings.dp_noise_multiplier):
+        return None
+    return PrivacyPolicyHook(*policy)
 
 
 def split_root_dataset(test: Dataset, size: int, seed: int) -> tuple[Dataset, Dataset]:
@@ -454,6 +464,9 @@ def _run(
     hooks: list[StrategyHook] = []
     if settings.signing:
         hooks += integrity_hooks(Path(settings.keys_dir), run_id)
+    privacy = privacy_hook(settings)
+    if privacy is not None:  # after verification: the figures it reads are signed ones
+        hooks.append(privacy)
     roster: dict[int, int] = {}
     byzantine_nodes: frozenset[int] = frozenset()
     if settings.attack or settings.integrity_faults:

@@ -111,6 +111,12 @@ class RunSettings:
     checkpoint_keep: int = 3
     rollback_max_accuracy_drop: float | None = None
     resume: bool = False
+    dp_clip: float | None = None
+    dp_noise_multiplier: float | None = None
+    dp_delta: float = 1e-5
+    dp_max_epsilon: float | None = None
+    dp_policy_max_epsilon: float | None = None
+    dp_policy_max_delta: float | None = None
     experiment_cells: str = field(default="", repr=False)
 
     @classmethod
@@ -189,6 +195,13 @@ class RunSettings:
         if any(getattr(self, name) for name in needs_dir) and not self.checkpoint_dir:
             raise ValueError("run config 'rollback-max-accuracy-drop' and 'resume' need "
                              "'checkpoint-dir'")
+        optional = ("dp_clip", "dp_noise_multiplier", "dp_max_epsilon", "dp_policy_max_epsilon",
+                    "dp_policy_max_delta")
+        for name in optional:
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"run config {name.replace('_', '-')!r} must be >= 0 (0: off)")
+        if not 0.0 < self.dp_delta < 1.0:
+            raise ValueError("run config 'dp-delta' must be in (0, 1)")
         cells = parse_cells(self.experiment_cells)
         if cells and (self.signing or self.resume):
             raise ValueError("run config 'experiment-cells' cannot be combined with 'signing' "

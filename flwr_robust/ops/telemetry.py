@@ -23,6 +23,12 @@ request (:meth:`PrometheusHook.start`, loopback by default). Metrics:
 ``fl_model_signature_verification_failure_total{reason}``
     Rejections whose code is a signature-verification reason of
     :class:`flwr_robust.security.verifier.Reason` (``bad-signature``, ``unsigned``, ...).
+``fl_client_epsilon_spent{client_id}``
+    The epsilon each client reported in its latest training reply (local DP, read from
+    ``report.info["privacy"]``, which :class:`~flwr_robust.privacy.PrivacyPolicyHook`
+    fills); without client labels, the largest epsilon reported in the latest round.
+``fl_privacy_budget_exhausted_total{client_id}``
+    Training instructions clients declined because their privacy budget was spent.
 ``fl_model_rollback_total``
     Rollbacks to a checkpoint (:meth:`PrometheusHook.record_rollback`).
 ``fl_model_accuracy``
@@ -34,7 +40,8 @@ request (:meth:`PrometheusHook.start`, loopback by default). Metrics:
 Label cardinality is bounded: ``reason`` takes only the codes of
 :data:`KNOWN_REASON_CODES` (anything else becomes ``other``) and ``status`` two values.
 ``client_labels=True`` adds a ``client`` label (the reply's stable identity) to the
-per-client counters: one series per client and reason, so only for small federations.
+per-client counters: one series per client and reason, so only for small federations (the
+two privacy metrics name that label ``client_id``, as the security guide does).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Self
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from ..privacy.hooks import INFO_KEY, PRIVACY_CODES
 from ..security.verifier import Reason
 from ..strategy.hooks import StrategyHook
 from ..validation import REASON_CODES, reason_code
@@ -69,7 +77,7 @@ SIGNATURE_CODES = frozenset(reason.value for reason in Reason)
 BYZANTINE_EXCLUSION_CODES = frozenset((EXCLUDED_BY_RULE, *ANOMALY_CODES))
 #: Every value the ``reason`` labels may take besides ``other``.
 KNOWN_REASON_CODES = frozenset(
-    (*REASON_CODES, *SIGNATURE_CODES, *BYZANTINE_EXCLUSION_CODES)
+    (*REASON_CODES, *SIGNATURE_CODES, *BYZANTINE_EXCLUSION_CODES, *PRIVACY_CODES)
 )
 OTHER = "other"
 ROUND_STATUSES = ("aggregated", "kept_global")
@@ -144,6 +152,16 @@ class PrometheusHook(StrategyHook):
             "Client replies rejected by signature verification, by reason.",
             ("reason", *client), registry=registry,
         )
+        self.epsilon = Gauge(
+            "fl_client_epsilon_spent",
+            "Epsilon a client reported spent in its latest training reply (local DP).",
+            ("client_id",) if self.client_labels else (), registry=registry,
+        )
+        self.budget_exhausted = Counter(
+            "fl_privacy_budget_exhausted_total",
+            "Training instructions declined because the client's privacy budget was spent.",
+            ("client_id",) if self.client_labels else (), registry=registry,
+        )
         self.rollbacks = Counter(
             "fl_model_rollback_total", "Rollbacks of the global model to a checkpoint.",
             registry=registry,
@@ -167,6 +185,7 @@ class PrometheusHook(StrategyHook):
         if not self.client_labels:
             self.accepted.inc(0)
             self.excluded.inc(0)
+            self.budget_exhausted.inc(0)
 
     # ------------------------------------------------------------------ HTTP endpoint
     @property
@@ -239,6 +258,19 @@ class PrometheusHook(StrategyHook):
                 anomalies.update((node_id, reason_code(text)) for text in reasons)
         for node_id, code in anomalies:
             self._counter(self.anomalies, report, node_id, reason_label(code)).inc()
+        self._record_privacy(report)
+
+    def _record_privacy(self, report: RoundReport) -> None:
+        """Epsilons and exhaustions from the privacy hook's figures in the report."""
+        privacy = report.info.get(INFO_KEY) or {}
+        epsilons = {int(k): float(v) for k, v in privacy.get("epsilon-spent", {}).items()}
+        if self.client_labels:
+            for node_id, value in epsilons.items():
+                self._counter(self.epsilon, report, node_id).set(value)
+        elif epsilons:
+            self.epsilon.set(max(epsilons.values()))
+        for node_id in privacy.get("budget-exhausted", []):
+            self._counter(self.budget_exhausted, report, int(node_id)).inc()
 
     def record_evaluation(self, server_round: int, metrics: Mapping[str, Any]) -> None:
         """Set ``fl_model_accuracy`` from centrally evaluated ``metrics`` (call after each
