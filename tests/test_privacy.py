@@ -15,8 +15,9 @@ from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod.utils import make_ffn
 from flwr.clientapp import ClientApp
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters
 from flwr.compat.common.recorddict_compat import fitins_to_recorddict, fitres_to_recorddict
 from flwr.server.client_manager import SimpleClientManager
 from flwr.supercore.task_identity import TaskIdentity
@@ -32,12 +33,14 @@ from flwr_robust.ops.telemetry import PrometheusHook
 from flwr_robust.privacy import (
     BUDGET_EXHAUSTED,
     LocalDP,
+    NodeDP,
     PrivacyLedger,
     PrivacyPolicyHook,
     clip_and_noise,
     epsilon_spent,
     local_dp_mod,
 )
+from flwr_robust.privacy.mod import UNPRIVATISABLE
 from flwr_robust.records import npy_view
 from flwr_robust.security import KeyDir
 from flwr_robust.security.mod import fault_injection_mod, integrity_mod, record_digest
@@ -142,15 +145,46 @@ def test_huge_updates_are_clipped_without_overflow() -> None:
         clip_and_noise([np.array([np.inf])], 1.0, 1.0, np.random.default_rng(0))
 
 
-def test_settings_node_config_first_blank_or_zero_is_off_and_bad_values_raise() -> None:
+def test_settings_blank_or_zero_is_off_and_bad_values_raise() -> None:
     assert LocalDP.from_config({"dp-clip": "", "dp-noise-multiplier": 1.0}) is None
     assert LocalDP.from_config({"dp-clip": 1.0, "dp-noise-multiplier": 0}) is None
-    dp = LocalDP.from_config({"dp-noise-multiplier": 2.0}, {**DP_CONFIG, "dp-max-epsilon": 4})
-    assert dp == LocalDP(CLIP, 2.0, DELTA, 4.0)
     with pytest.raises(InvalidParameterError):
         LocalDP.from_config({"dp-clip": "big", "dp-noise-multiplier": 1.0})
     with pytest.raises(InvalidParameterError):
         LocalDP(1.0, 1.0, delta=1.5)
+
+
+@pytest.mark.parametrize("bad", [
+    {"dp-noise-multiplier": 1e300}, {"dp-noise-multiplier": 1e-300}, {"dp-clip": 1e300},
+    {"dp-delta": 0.999}, {"dp-delta": 5e-324}, {"dp-max-epsilon": 1e300},
+    {"dp-clip": math.nan}, {"dp-noise-multiplier": math.inf}, {"dp-delta": "nan"},
+    {"dp-max-epsilon": -1.0}, {"dp-clip": True},
+])
+def test_settings_outside_sane_finite_ranges_raise(bad: dict) -> None:
+    with pytest.raises(InvalidParameterError):
+        LocalDP.from_config({**DP_CONFIG, **bad})
+
+
+def test_a_node_config_with_any_dp_key_owns_every_dp_setting() -> None:
+    server = {**DP_CONFIG, "dp-delta": 0.005, "dp-max-epsilon": 99.0}
+    # node silent: the run config's four mechanism keys, never its node-only keys
+    assert NodeDP.resolve({"partition-id": 0}, {**server, "dp-allow-evaluation": True}) == \
+        NodeDP(LocalDP(CLIP, SIGMA, 0.005, 99.0))
+    # the node sets clip and sigma: delta and budget are the code defaults, not the server's
+    node = {"dp-clip": 1.0, "dp-noise-multiplier": 2.0}
+    assert NodeDP.resolve(node, server).dp == LocalDP(1.0, 2.0, 1e-5, None)
+    # a node key alone (here dp-required) takes the server's DP away: off, and required
+    resolved = NodeDP.resolve({"dp-required": "true"}, server)
+    assert resolved.dp is None and resolved.required
+    # only dp-clip (and a budget): the server would choose sigma, so it is refused
+    for partial in ({"dp-clip": 0.5}, {"dp-clip": 0.5, "dp-max-epsilon": 5.0}, {"dp-delta": 1e-6},
+                    {"dp-ledger-file": "/tmp/ledger.json"}):
+        with pytest.raises(InvalidParameterError, match="both"):
+            NodeDP.resolve(partial, {"dp-noise-multiplier": 1e-2})
+    with pytest.raises(InvalidParameterError):
+        NodeDP.resolve({"dp-required": "maybe"}, {})
+    with pytest.raises(InvalidParameterError, match="absolute"):
+        NodeDP.resolve({**DP_CONFIG, "dp-ledger-file": "ledger.json"}, {})
 
 
 # ---------------------------------------------------------------- accounting
@@ -320,10 +354,13 @@ def test_the_bundled_app_noises_inside_the_integrity_mod(keys: KeyDir) -> None:
     assert report.info["privacy"]["epsilon-spent"].keys() == {str(n) for n in NODES}
 
 
-def test_noise_added_after_signing_breaks_the_signature(keys: KeyDir) -> None:
-    report, _, _ = signed_dp_round(keys, [local_dp_mod, integrity_mod])
+def test_the_mod_outside_the_integrity_mod_releases_nothing(keys: KeyDir) -> None:
+    # the signed reply carries a signature ConfigRecord: the DP mod refuses it (noising it
+    # would break the signature anyway)
+    report, replies, _ = signed_dp_round(keys, [local_dp_mod, integrity_mod])
     assert not report.kept
-    assert {text.split(":")[0] for text in report.rejected.values()} == {"bad-signature"}
+    assert {text.split(":")[0] for text in report.rejected.values()} == {"error-reply"}
+    assert all(f"{UNPRIVATISABLE}:" in reply.error.reason for reply in replies)
 
 
 def test_legacy_replies_carry_the_privacy_figures_in_fit_metrics(keys: KeyDir) -> None:
@@ -432,3 +469,243 @@ def test_flwr_run_reports_each_clients_epsilon_every_round(tmp_path: Path) -> No
     privacy = second["info"]["privacy"]
     assert privacy["epsilon-spent"] == {} and len(privacy["budget-exhausted"]) == 5
     assert all(BUDGET_EXHAUSTED in text for text in second["rejected"].values())
+
+
+# ---------------------------------------------------------------- review regressions
+def counting(app=shifting_app):
+    calls: list[int] = []
+
+    def wrapped(message: Message, context: Context) -> Message:
+        calls.append(1)
+        return app(message, context)
+
+    return wrapped, calls
+
+
+def node_dp_context(node_config: dict, state: RecordDict | None = None, **run_config) -> Context:
+    return Context(run_id=RUN_ID, node_id=101, node_config={"partition-id": 0, **node_config},
+                   state=RecordDict() if state is None else state, run_config=run_config)
+
+
+def test_an_instruction_with_an_unknown_layout_is_refused_not_trained() -> None:
+    message = train_instruction(global_model())
+    message.content["x"] = MetricRecord({"a": 1})
+    app, calls = counting()
+    context = dp_context()
+    for mods in ([local_dp_mod], [integrity_mod, local_dp_mod]):
+        reply = make_ffn(app, mods)(message, context)
+        assert reply.has_error() and not calls
+    assert len(PrivacyLedger.load(context.state)) == 0
+
+
+def test_the_server_cannot_loosen_a_node_that_sets_its_own_dp() -> None:
+    node = {"dp-clip": CLIP, "dp-noise-multiplier": SIGMA, "dp-max-epsilon": 5.0}
+    server = {"dp-delta": 0.005, "dp-noise-multiplier": 100.0, "dp-max-epsilon": 1e5,
+              "experiment-cells": json.dumps([{"dp-delta": 0.009, "dp-noise-multiplier": 1e4}])}
+    state, rounds = RecordDict(), 0
+    for rnd in range(1, 6):
+        message = train_instruction(global_model(), rnd)
+        message.content["config"]["experiment-cell"] = 0
+        message.content["config"]["dp-delta"] = 0.009  # instruction keys are ignored too
+        reply = local_dp_mod(message, node_dp_context(node, state, **server), shifting_app)
+        if reply.has_error():
+            assert f"{BUDGET_EXHAUSTED}:" in reply.error.reason
+            break
+        rounds += 1
+        assert reply.content["metrics"]["dp-delta"] == DELTA  # the code default, not 0.005
+    assert rounds == 1  # epsilon(2 rounds at sigma 1.2, delta 1e-5) > 5
+    assert PrivacyLedger.load(state).noise_multipliers == [SIGMA]
+
+
+def test_a_node_silent_on_dp_ignores_the_instructions_experiment_cell() -> None:
+    cells = json.dumps([{"dp-delta": 0.009, "dp-noise-multiplier": 50.0}])
+    message = train_instruction(global_model())
+    message.content["config"]["experiment-cell"] = 0
+    reply = local_dp_mod(message, dp_context(**{"experiment-cells": cells}), shifting_app)
+    metrics = reply.content["metrics"]
+    assert metrics["dp-delta"] == DELTA
+    assert metrics["epsilon-spent"] == pytest.approx(epsilon_spent([SIGMA], DELTA))
+    with pytest.raises(ValueError, match="experiment cells cannot set"):
+        RunSettings.from_run_config({"experiment-cells": cells})
+
+
+def test_dp_required_refuses_training_when_dp_is_off() -> None:
+    app, calls = counting()
+    for node in ({"dp-required": True}, {"dp-required": "true", "dp-clip": 0,
+                                          "dp-noise-multiplier": 0}):
+        reply = local_dp_mod(train_instruction(global_model()),
+                             node_dp_context(node, **DP_CONFIG), app)
+        assert reply.has_error() and "privacy-required:" in reply.error.reason
+    assert not calls
+
+
+@pytest.mark.parametrize("server", [{"dp-noise-multiplier": 1e300}, {"dp-clip": 1e300},
+                                    {"dp-delta": 0.999}, {"dp-noise-multiplier": "nan"}])
+def test_insane_settings_are_an_error_reply_and_do_not_poison_the_ledger(server: dict) -> None:
+    state, (app, calls) = RecordDict(), counting()
+    reply = local_dp_mod(train_instruction(global_model()),
+                         dp_context(state=state, **server), app)
+    assert reply.has_error() and "privacy-bad-settings:" in reply.error.reason and not calls
+    reply = local_dp_mod(train_instruction(global_model(), 2), dp_context(state=state), app)
+    assert not reply.has_error() and PrivacyLedger.load(state).noise_multipliers == [SIGMA]
+
+
+def test_a_failing_accountant_after_training_saves_nothing(monkeypatch) -> None:
+    from flwr_robust.privacy import local
+
+    real, calls = local.epsilon_spent, []
+
+    def flaky(sigmas, delta):
+        calls.append(1)
+        if len(calls) == 2:  # the budget check passes, the commit's computation fails
+            raise OverflowError("secret 0.123")
+        return real(sigmas, delta)
+
+    monkeypatch.setattr(local, "epsilon_spent", flaky)
+    state = RecordDict()
+    reply = local_dp_mod(train_instruction(global_model()), dp_context(state=state),
+                         shifting_app)
+    assert reply.has_error() and "secret" not in reply.error.reason
+    assert len(PrivacyLedger.load(state)) == 0
+    reply = local_dp_mod(train_instruction(global_model(), 2), dp_context(state=state),
+                         shifting_app)
+    assert not reply.has_error() and len(PrivacyLedger.load(state)) == 1
+
+
+def test_no_exception_escapes_and_reasons_carry_no_data() -> None:
+    def leaky(message: Message, context: Context) -> Message:
+        raise RuntimeError("train-loss 0.123456")
+
+    reply = local_dp_mod(train_instruction(global_model()), dp_context(), leaky)
+    assert reply.has_error() and "0.123456" not in reply.error.reason
+
+    def non_finite(message: Message, context: Context) -> Message:
+        reply = shifting_app(message, context)
+        reply.content["arrays"]["w"] = Array(np.full_like(
+            message.content["arrays"]["w"].numpy(), np.nan))
+        return reply
+
+    reply = local_dp_mod(train_instruction(global_model()), dp_context(), non_finite)
+    assert reply.has_error() and reply.error.reason.endswith("the update is not finite")
+
+
+def test_a_ledger_file_keeps_the_budget_across_runs(tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.json"
+    node = {"dp-clip": CLIP, "dp-noise-multiplier": SIGMA, "dp-ledger-file": str(ledger),
+            "dp-max-epsilon": (epsilon_spent([SIGMA] * 2, DELTA)
+                               + epsilon_spent([SIGMA] * 3, DELTA)) / 2}
+    released = []
+    for run in range(3):  # a fresh context.state each run, as a new run or restart gives
+        def app(message: Message, context: Context, run: int = run) -> Message:
+            released.append(run)
+            # the ledger is on disk before the reply leaves the mod
+            assert len(PrivacyLedger.load_file(ledger, "partition-0")) == len(released) - 1
+            return shifting_app(message, context)
+
+        reply = local_dp_mod(train_instruction(global_model()), node_dp_context(node), app)
+        assert reply.has_error() == (run == 2)
+    assert released == [0, 1]
+    assert PrivacyLedger.load_file(ledger, "partition-0").noise_multipliers == [SIGMA] * 2
+    assert len(PrivacyLedger.load_file(ledger, "partition-1")) == 0  # keyed by identity
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json", "ledger.json.lock"]
+    ledger.write_text("{not json")
+    app, calls = counting()
+    reply = local_dp_mod(train_instruction(global_model()),
+                         node_dp_context({**node, "dp-max-epsilon": 100.0}), app)
+    assert reply.has_error() and "ledger is unreadable" in reply.error.reason and not calls
+
+
+def evaluate_instruction(model: dict) -> Message:
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in model.items()}),
+                          "config": ConfigRecord({"server-round": 1})})
+    return Message(content, dst_node_id=101, message_type="evaluate")
+
+
+def test_evaluation_is_refused_while_dp_is_on_unless_the_node_allows_it() -> None:
+    def evaluate(message: Message, context: Context) -> Message:
+        return Message(RecordDict({"metrics": MetricRecord({"accuracy": 0.9})}),
+                       reply_to=message)
+
+    model = global_model()
+    reply = local_dp_mod(evaluate_instruction(model), dp_context(), evaluate)
+    assert reply.has_error() and "privacy-evaluation-refused:" in reply.error.reason
+    node = {"dp-clip": CLIP, "dp-noise-multiplier": SIGMA, "dp-allow-evaluation": True}
+    reply = local_dp_mod(evaluate_instruction(model), node_dp_context(node), evaluate)
+    assert reply.content["metrics"]["accuracy"] == 0.9
+    # the server cannot allow it; with DP off evaluation passes
+    reply = local_dp_mod(evaluate_instruction(model),
+                         dp_context(**{"dp-allow-evaluation": True}), evaluate)
+    assert reply.has_error()
+    reply = local_dp_mod(evaluate_instruction(model), node_dp_context({}), evaluate)
+    assert not reply.has_error()
+
+
+def test_zero_d_and_non_floating_arrays_keep_their_shapes_and_layers_pair_by_name() -> None:
+    model = {"a": np.ones((2, 3), np.float16), "b": np.arange(3, dtype=np.int64),
+             "c": np.array(1.5), "d": np.zeros((0,), np.float32)}
+
+    def reversed_app(message: Message, context: Context) -> Message:
+        arrays = {k: Array(np.asarray(v.numpy() + 1, dtype=v.numpy().dtype))
+                  for k, v in reversed(list(message.content["arrays"].items()))}
+        return Message(RecordDict({"arrays": ArrayRecord(arrays),
+                                   "metrics": MetricRecord({"num-examples": 1})}),
+                       reply_to=message)
+
+    node = {"dp-clip": 1e-6, "dp-noise-multiplier": 1e-2}  # almost no noise, tiny clip
+    reply = local_dp_mod(train_instruction(model), node_dp_context(node), reversed_app)
+    out = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    assert list(out) == list(model)
+    for name, sent in model.items():
+        assert out[name].shape == sent.shape and out[name].dtype == sent.dtype
+        np.testing.assert_allclose(out[name], sent, atol=1e-3)  # clipped: near the global
+    np.testing.assert_array_equal(out["b"], model["b"])  # non-floating reset
+
+
+@pytest.mark.parametrize("extra", [{"extra": MetricRecord({"train-loss": 0.123})},
+                                   {"cfg": ConfigRecord({"loss": 0.5})}])
+def test_a_reply_with_extra_records_is_refused(extra: dict) -> None:
+    def app(message: Message, context: Context) -> Message:
+        reply = shifting_app(message, context)
+        for name, record in extra.items():
+            reply.content[name] = record
+        return reply
+
+    state = RecordDict()
+    reply = local_dp_mod(train_instruction(global_model()), dp_context(state=state), app)
+    assert reply.has_error() and f"{UNPRIVATISABLE}:" in reply.error.reason
+    assert len(PrivacyLedger.load(state)) == 0
+
+
+def test_a_legacy_failure_reply_is_stripped_to_its_status() -> None:
+    model = global_model()
+    ins = FitIns(ndarrays_to_parameters(list(model.values())), {"server-round": 1})
+    message = Message(fitins_to_recorddict(ins, keep_input=True), dst_node_id=101,
+                      message_type="train")
+
+    def failing(msg: Message, context: Context) -> Message:
+        res = FitRes(Status(Code.FIT_NOT_IMPLEMENTED, "no"), ndarrays_to_parameters(
+            [v + np.float32(SHIFT) for v in model.values()]), 10, {"train-loss": 0.3})
+        return Message(fitres_to_recorddict(res, keep_input=True), reply_to=msg)
+
+    state = RecordDict()
+    reply = local_dp_mod(message, dp_context(state=state), failing)
+    content = reply.content
+    assert len(content["fitres.parameters"]) == 0
+    assert dict(content["fitres.metrics"]) == {}
+    assert content["fitres.num_examples"]["num_examples"] == 0
+    assert content["fitres.status"]["code"] == Code.FIT_NOT_IMPLEMENTED.value
+    assert len(PrivacyLedger.load(state)) == 0
+
+
+def test_an_infinite_epsilon_is_over_budget() -> None:
+    hook = PrivacyPolicyHook(max_epsilon=3.0)
+    rejected = hook.on_replies(1, {}, [reply_with(1, **{"epsilon-spent": math.inf,
+                                                         "dp-delta": DELTA})])
+    assert rejected[1].startswith("privacy-over-budget")
+
+
+@pytest.mark.parametrize("key", ["dp-clip", "dp-noise-multiplier", "dp-max-epsilon",
+                                 "dp-delta"])
+def test_run_settings_reject_non_finite_dp_values(key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        RunSettings.from_run_config({key: math.nan})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -198,11 +199,17 @@ class RunSettings:
         optional = ("dp_clip", "dp_noise_multiplier", "dp_max_epsilon", "dp_policy_max_epsilon",
                     "dp_policy_max_delta")
         for name in optional:
-            if (getattr(self, name) or 0) < 0:
-                raise ValueError(f"run config {name.replace('_', '-')!r} must be >= 0 (0: off)")
-        if not 0.0 < self.dp_delta < 1.0:
+            value = getattr(self, name) or 0
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"run config {name.replace('_', '-')!r} must be finite and "
+                                 ">= 0 (0: off)")
+        if not 0.0 < self.dp_delta < 1.0:  # NaN fails too
             raise ValueError("run config 'dp-delta' must be in (0, 1)")
         cells = parse_cells(self.experiment_cells)
+        client_dp = ("dp-clip", "dp-noise-multiplier", "dp-delta", "dp-max-epsilon")
+        if any(key in client_dp for cell in cells for key in cell):
+            raise ValueError(f"experiment cells cannot set {list(client_dp)} (clients never "
+                             "take DP settings from an instruction's cell)")
         if cells and (self.signing or self.resume):
             raise ValueError("run config 'experiment-cells' cannot be combined with 'signing' "
                              "or 'resume' (every cell restarts Flower's round count)")

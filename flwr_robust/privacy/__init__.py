@@ -14,7 +14,7 @@ from .hooks import (
     PRIVACY_UNREPORTED,
     PrivacyPolicyHook,
 )
-from .local import LocalDP, PrivacyLedger, clip_and_noise, epsilon_spent
+from .local import LocalDP, NodeDP, PrivacyLedger, clip_and_noise, epsilon_spent
 from .mod import local_dp_mod
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "PRIVACY_OVER_BUDGET",
     "PRIVACY_UNREPORTED",
     "LocalDP",
+    "NodeDP",
     "PrivacyLedger",
     "PrivacyPolicyHook",
     "clip_and_noise",

@@ -41,7 +41,7 @@ class PrivacyPolicyHook(StrategyHook):
 
     A reply is rejected as ``privacy-unreported`` when its metrics lack a finite
     ``epsilon-spent`` or ``dp-delta`` (only when a policy is set), and as
-    ``privacy-over-budget`` when the epsilon exceeds ``max_epsilon`` or the delta
+    ``privacy-over-budget`` when the epsilon is infinite or exceeds ``max_epsilon`` or the delta
     ``max_delta``. With signing on, place it after signature verification: the figures are
     then the ones the client signed. The figures are the client's own claim; the hook cannot
     check that the noise was added (a Byzantine client may lie), only enforce what honest
@@ -95,7 +95,10 @@ class PrivacyPolicyHook(StrategyHook):
     def _problem(self, metrics: Mapping[str, Any]) -> str | None:
         if not self.enforcing:
             return None
-        epsilon = _number(metrics.get("epsilon-spent"))
+        raw = metrics.get("epsilon-spent")
+        if isinstance(raw, float) and raw == math.inf:
+            return reason(PRIVACY_OVER_BUDGET, "the reply reports an infinite epsilon")
+        epsilon = _number(raw)
         delta = _number(metrics.get("dp-delta"))
         if epsilon is None or delta is None:
             return reason(PRIVACY_UNREPORTED, "the reply reports no finite 'epsilon-spent' "
