@@ -32,11 +32,6 @@ import numpy as np
 
 from flwr_robust.aggregation import get_aggregator
 
-
-def _constant_server_update(weights: list[np.ndarray]) -> list[np.ndarray]:
-    return [np.full_like(w, 0.01) for w in weights]
-
-
 # rule -> (registry parameters given f, target ratio to the reference)
 RULES: dict[str, tuple[Callable[[int], dict], float | None]] = {
     "fedavg": (lambda f: {}, None),
@@ -58,8 +53,9 @@ RULES: dict[str, tuple[Callable[[int], dict], float | None]] = {
     "dnc": (lambda f: {"num_malicious": f}, None),
     "signguard": (lambda f: {}, None),
     "robust_lr": (lambda f: {}, None),
-    # the server update is a constant here: the root-data training is the app's cost
-    "fltrust": (lambda f: {"server_update_fn": _constant_server_update}, None),
+    # the server update is client 0's update (every trust score positive, as for honest
+    # clients); the root-data training is the app's cost, not the rule's
+    "fltrust": (lambda f: {}, None),
     # a fresh rule: its first round (the base rule, plus storing the n updates: 4*n*d bytes)
     "fldetector": (lambda f: {"num_malicious": f}, None),
     "reputation": (lambda f: {"base_rule": "multi_krum", "num_malicious": f}, None),
@@ -131,6 +127,8 @@ def rule_call(label: str, f: int, updates: list[list[np.ndarray]]) -> Callable[[
     """One aggregation of ``updates`` by a fresh rule (stateful rules start clean)."""
     name = label.split("/")[0]
     params = RULES[label][0](f)
+    if name == "fltrust":
+        params["server_update_fn"] = lambda _weights: [layer.copy() for layer in updates[0]]
     ids = list(range(len(updates)))
     return lambda: get_aggregator(name, **params)(updates, client_ids=ids)
 
