@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from flwr_robust.aggregation import (
-    AggregationResult,
     MixedUpdateMatrix,
     UpdateMatrix,
     aggregator_factories,
@@ -29,19 +28,7 @@ from flwr_robust.aggregation.preaggregation import (
 )
 from flwr_robust.attacks import alie_delta, alie_z_max
 from tests import reference_rules as ref
-
-
-def clients(*values) -> list[list[np.ndarray]]:
-    return [[np.asarray(v, dtype=np.float32)] for v in values]
-
-
-def rows(x: np.ndarray) -> list[list[np.ndarray]]:
-    """Two layers per client, so layer boundaries are exercised."""
-    return [[row[:3].reshape(3), row[3:].reshape(-1, 1)] for row in np.asarray(x, np.float32)]
-
-
-def flat(result: AggregationResult) -> np.ndarray:
-    return np.concatenate([layer.ravel() for layer in result.update])
+from tests.aggregation_helpers import clients, flat, rows
 
 
 def two_directions(rng, honest: int, bad: int, d: int = 40, noise: float = 0.05):

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from flwr_robust.aggregation import (
-    AggregationResult,
     DnC,
     FLDetector,
     RobustLR,
@@ -28,20 +27,7 @@ from flwr_robust.aggregation.fldetector import (
 )
 from flwr_robust.aggregation.matrix import squared_distances
 from flwr_robust.aggregation.signguard import scaled_by_maximum, sign_features
-
-
-def clients(*values) -> list[list[np.ndarray]]:
-    return [[np.asarray(v, dtype=np.float32)] for v in values]
-
-
-def rows(x: np.ndarray) -> list[list[np.ndarray]]:
-    """Two layers per client, so layer boundaries are exercised."""
-    return [[row[:3].reshape(3), row[3:].reshape(-1, 1)] for row in np.asarray(x, np.float32)]
-
-
-def flat(result: AggregationResult) -> np.ndarray:
-    return np.concatenate([layer.ravel() for layer in result.update])
-
+from tests.aggregation_helpers import clients, flat, rows
 
 NEW = ("dnc", "signguard", "robust_lr", "fldetector")
 
